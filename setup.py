@@ -1,0 +1,48 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "wmgr" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="wmgr",
+    version=VERSION,
+    description="Worker management daemon: jobs, processes, tasks, services, databases and connections over HTTPS",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # twisted/plugins has no __init__.py on purpose: one would shadow Twisted's own package.
+    packages=find_packages(include=["wmgr", "wmgr.*"]) + ["twisted.plugins"],
+    package_data={"wmgr": ["static/*"]},
+    install_requires=[
+        # >= 24.7: inlineCallbacks and LoopingCall accept coroutines, so async def works everywhere.
+        "twisted[tls]>=24.7",
+        "klein>=23.5",
+        "treq>=23.11",
+        "pyopenssl>=24.0",
+        # >= 24.1: 23.1 broke Twisted's hostname verification (twisted/twisted#12074).
+        "service-identity>=24.1",
+        "cryptography>=42",
+        "psutil>=5.9",
+        # wr's job keys are FarmHash Fingerprint128; clients that compute keys must find their jobs.
+        "pyfarmhash>=0.3",
+    ],
+    extras_require={
+        "mysql": ["pymysql>=1.1"],
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.1",
+            "openapi-spec-validator>=0.7",
+            "pymysql>=1.1",
+            "pfurl>=2.3",
+        ],
+    },
+    entry_points={"console_scripts": ["wmgr=wmgr.cli:main"]},
+    # A flat layout with a top-level twisted/plugins: the default (strict) editable install hides
+    # that folder from twistd's plugin scan, so editable installs put the project root on sys.path.
+    options={"editable_wheel": {"mode": "compat"}},
+    classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],
+)

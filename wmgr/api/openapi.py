@@ -1,0 +1,148 @@
+"""The OpenAPI 3 document of every route the daemon serves. Each API surface contributes its paths
+(a `PATHS` mapping in this module, or one it passes in); the tests validate the whole document and
+check that every Klein route appears in it."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from wmgr import __version__
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": dict(schema)}}
+
+
+def reply(description: str, schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description}
+    if schema is not None:
+        answer["content"] = json_content(schema)
+    return answer
+
+
+ERROR = reply("an error, with its reason", _ref("Error"))
+
+
+def query_param(name: str, description: str, schema: Mapping[str, Any] | None = None, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": dict(schema or {"type": "string"})}
+
+
+def path_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string"}}
+
+
+_JOB_QUERY = [
+    query_param("std", "include StdOut and StdErr", {"type": "boolean"}),
+    query_param("env", "include Env", {"type": "boolean"}),
+    query_param("limit", "group similar jobs, showing this many per group", {"type": "integer", "minimum": 0}),
+    query_param("state", "only jobs in this state", {"type": "string", "enum": [
+        "delayed", "ready", "reserved", "running", "lost", "buried", "dependent", "complete", "deletable"]}),
+    query_param("search", "match rep groups by substring", {"type": "boolean"}),
+]
+_DELETE_QUERY = [
+    query_param("state", "what to do: kill running jobs, confirm lost ones, or delete deletable ones",
+                {"type": "string", "enum": ["running", "lost", "deletable"]}, required=True),
+    query_param("search", "match rep groups by substring", {"type": "boolean"}),
+]
+_JOBS_REPLY = reply("job status objects", {"type": "array", "items": _ref("JobStatus")})
+_IDS = path_param("ids", "comma-separated job keys (32 hex digits) and/or rep groups")
+
+WR_PATHS: dict[str, Any] = {
+    "/rest/version/": {"get": {
+        "summary": "the manager's version and API version (no token needed)", "security": [],
+        "responses": {"200": reply("version", {"type": "object", "properties": {
+            "Version": {"type": "string"}, "API": {"type": "string"}}})}}},
+    "/rest/v1/info/": {"get": {
+        "summary": "information about the manager",
+        "responses": {"200": reply("server information", _ref("ServerInfo")), "401": ERROR}}},
+    "/rest/v1/jobs/": {
+        "get": {"summary": "status of all incomplete jobs", "parameters": _JOB_QUERY,
+                "responses": {"200": _JOBS_REPLY, "400": ERROR, "401": ERROR}},
+        "post": {"summary": "add jobs; query parameters give defaults for every job",
+                 "parameters": [query_param("rerun", "run again jobs that already completed", {"type": "boolean"})],
+                 "requestBody": {"required": True, "content": json_content(
+                     {"type": "array", "items": _ref("JobDefinition")})},
+                 "responses": {"201": reply("the jobs now in the queue", {"type": "array", "items": _ref("JobStatus")}),
+                               "400": ERROR, "401": ERROR}},
+        "delete": {"summary": "kill, confirm lost, or delete incomplete jobs", "parameters": _DELETE_QUERY,
+                   "responses": {"200": _JOBS_REPLY, "202": _JOBS_REPLY, "400": ERROR, "401": ERROR}},
+    },
+    "/rest/v1/jobs/{ids}": {
+        "get": {"summary": "status of jobs by key or rep group, completed ones included",
+                "parameters": [_IDS] + _JOB_QUERY, "responses": {"200": _JOBS_REPLY, "400": ERROR, "401": ERROR}},
+        "delete": {"summary": "kill, confirm lost, or delete jobs by key or rep group",
+                   "parameters": [_IDS] + _DELETE_QUERY,
+                   "responses": {"200": _JOBS_REPLY, "202": _JOBS_REPLY, "400": ERROR, "401": ERROR}},
+    },
+}
+
+ROOT_PATHS: dict[str, Any] = {
+    "/openapi.json": {"get": {"summary": "this document",
+                              "responses": {"200": reply("the OpenAPI document", {"type": "object"})}}},
+}
+
+_STRINGS = {"type": "array", "items": {"type": "string"}, "nullable": True}
+_BEHAVIOURS = {"type": "array", "items": {"type": "object"}}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+    "ServerInfo": {"type": "object", "properties": {
+        name: {"type": "integer"} if name == "PID" else {"type": "string"}
+        for name in ("Addr", "Host", "Port", "WebPort", "PID", "Deployment", "Scheduler", "Mode")}},
+    "JobDefinition": {"type": "object", "required": ["cmd"], "properties": {
+        "cmd": {"type": "string"}, "cwd": {"type": "string"}, "cwd_matters": {"type": "boolean"},
+        "change_home": {"type": "boolean"}, "rep_grp": {"type": "string"}, "req_grp": {"type": "string"},
+        "memory": {"type": "string", "example": "5M"}, "time": {"type": "string", "example": "1h30m"},
+        "cpus": {"type": "number", "minimum": 0}, "disk": {"type": "integer", "minimum": 0},
+        "override": {"type": "integer", "minimum": 0, "maximum": 2},
+        "priority": {"type": "integer", "minimum": 0, "maximum": 255},
+        "retries": {"type": "integer", "minimum": 0, "maximum": 255},
+        "dep_grps": _STRINGS, "deps": _STRINGS, "limit_grps": _STRINGS, "env": _STRINGS,
+        "on_failure": _BEHAVIOURS, "on_success": _BEHAVIOURS, "on_exit": _BEHAVIOURS,
+        "mounts": {"type": "array", "items": {"type": "object"}}, "monitor_docker": {"type": "string"},
+        "with_docker": {"type": "string"}, "with_singularity": {"type": "string"},
+        "container_mounts": {"type": "string"}, "rerun": {"type": "boolean"},
+        "cloud_os": {"type": "string"}, "cloud_username": {"type": "string"}, "cloud_flavor": {"type": "string"},
+        "cloud_script": {"type": "string"}, "cloud_config_files": {"type": "string"},
+        "cloud_ram": {"type": "integer"}}},
+    "JobStatus": {"type": "object", "properties": {
+        **{name: {"type": "string"} for name in (
+            "Key", "RepGroup", "Cmd", "State", "Cwd", "CwdBase", "Behaviours", "Mounts", "MonitorDocker",
+            "WithDocker", "WithSingularity", "ContainerMounts", "FailReason", "Host", "HostID", "HostIP",
+            "StdErr", "StdOut")},
+        **{name: _STRINGS for name in ("DepGroups", "Dependencies", "OtherRequests", "Env")},
+        **{name: {"type": "integer"} for name in (
+            "ExpectedRAM", "RequestedDisk", "PeakRAM", "Exitcode", "Pid", "Started", "Ended", "Attempts", "Similar")},
+        **{name: {"type": "number"} for name in ("ExpectedTime", "Cores", "Walltime", "CPUtime")},
+        **{name: {"type": "boolean"} for name in ("HomeChanged", "Exited")},
+    }},
+}
+
+
+def document(path_sets: Iterable[Mapping[str, Any]], schemas: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for path_set in path_sets:
+        paths.update(path_set)
+    components: dict[str, Any] = dict(SCHEMAS)
+    for extra in schemas:
+        components.update(extra)
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "wmgr", "version": __version__,
+                 "description": "One HTTPS daemon per machine for jobs, processes, tasks, services, "
+                                "databases and connections."},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "tokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
+            },
+            "schemas": components,
+        },
+        "security": [{"bearer": []}, {"tokenQuery": []}],
+        "paths": paths,
+    }

@@ -1,0 +1,80 @@
+"""The root of the HTTP tree: authentication, the request log, and dispatch to the API surfaces.
+
+Each API surface is its own Klein app whose routes are full paths; the root picks the surface by
+the first path segment and hands it the request untouched. Anything no surface claims goes to the
+root's own app, which serves /openapi.json and answers every other path with a JSON 404.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Mapping
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from wmgr.api.common import install_error_handlers, json_response
+from wmgr.auth import presented_token, token_matches
+
+log = Logger()
+
+# Paths anyone may ask for, with or without the trailing slash.
+PUBLIC_PATHS = frozenset({b"/rest/version/", b"/rest/version"})
+
+
+class RootApp:
+    app = Klein()
+    install_error_handlers(app)
+
+    def __init__(self, openapi: Mapping[str, Any]) -> None:
+        self.openapi = openapi
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi_document(self, request: Any) -> bytes:
+        return json_response(request, self.openapi)
+
+
+class Root(Resource):
+    """Checks the token, logs one line per request, and dispatches by the first path segment."""
+
+    isLeaf = True
+
+    def __init__(self, token: str, surfaces: Iterable[tuple[Iterable[str], Any]], fallback: Any) -> None:
+        super().__init__()
+        self._token = token
+        self._fallback = fallback
+        self._surfaces: dict[bytes, Any] = {}
+        for segments, resource in surfaces:
+            for segment in segments:
+                self._surfaces[segment.encode()] = resource
+
+    def render(self, request: Any) -> Any:
+        started = time.monotonic()
+        request.notifyFinish().addBoth(self._log, request, started)
+        if request.path not in PUBLIC_PATHS and not self._authorised(request):
+            return json_response(request, {"error": "a valid token is required (Authorization: Bearer <token>)"}, 401)
+        first = request.postpath[0] if request.postpath else b""
+        return self._surfaces.get(first, self._fallback).render(request)
+
+    def _authorised(self, request: Any) -> bool:
+        query_token = (request.args or {}).get(b"token", [None])[0]
+        return token_matches(self._token, presented_token(request.getHeader(b"authorization"), query_token))
+
+    @staticmethod
+    def _log(_: Any, request: Any, started: float) -> None:
+        log.info(
+            "{method} {path} {status} {ms:.1f}ms",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+            status=request.code,
+            ms=(time.monotonic() - started) * 1000,
+        )
+
+
+class QuietSite(Site):
+    """A Site whose access log is our structured one (Root._log), not the combined-log file."""
+
+    def log(self, request: Any) -> None:
+        pass

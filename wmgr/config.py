@@ -1,0 +1,107 @@
+"""The configuration: built-in defaults, then the INI file (etc/wmgr.cnf documents every option),
+then the command line, merged into one typed object."""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from wmgr.errors import InvalidRequest
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if text.strip() in ("", "auto", "none") else int(text)
+
+
+def _optional_float(text: str) -> Optional[float]:
+    return None if text.strip() in ("", "auto", "none") else float(text)
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.replace(",", " ").split() if name.strip()]
+
+
+def _memory_mb(text: str) -> Optional[int]:
+    if text.strip() in ("", "auto", "none"):
+        return None
+    from wmgr.jobs.model import parse_memory
+
+    return parse_memory(text)
+
+
+def _data_dir(text: str) -> Path:
+    return Path(os.path.expanduser(text)).absolute()
+
+
+def default_data_dir() -> Path:
+    return _data_dir(os.environ.get("WMGR_DATA_DIR") or "~/.wmgr")
+
+
+@dataclass
+class Config:
+    """Every setting, with its default. The INI section and option name of each is in `meta`."""
+
+    data_dir: Path = field(default_factory=default_data_dir, metadata={"ini": ("server", "data_dir", _data_dir)})
+    interface: str = field(default="127.0.0.1", metadata={"ini": ("server", "interface", str)})
+    port: int = field(default=5012, metadata={"ini": ("server", "port", int)})
+    http_port: Optional[int] = field(default=None, metadata={"ini": ("server", "http_port", _optional_int)})
+    deployment: str = field(default="production", metadata={"ini": ("server", "deployment", str)})
+    tls_names: list[str] = field(default_factory=list, metadata={"ini": ("tls", "names", _names)})
+    renew_check_interval: float = field(default=86400.0, metadata={"ini": ("tls", "renew_check_interval", float)})
+    max_cores: Optional[float] = field(default=None, metadata={"ini": ("jobs", "max_cores", _optional_float)})
+    max_memory: Optional[int] = field(default=None, metadata={"ini": ("jobs", "max_memory", _memory_mb)})
+    zero_core_slots: Optional[int] = field(default=None, metadata={"ini": ("jobs", "zero_core_slots", _optional_int)})
+    output_limit: int = field(default=4096, metadata={"ini": ("jobs", "output_limit", int)})
+    kill_grace: float = field(default=5.0, metadata={"ini": ("jobs", "kill_grace", float)})
+    sample_interval: float = field(default=1.0, metadata={"ini": ("jobs", "sample_interval", float)})
+    pman_allow_quit: bool = field(default=False, metadata={"ini": ("pman", "allow_quit", _boolean)})
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "Config":
+        """Defaults, then the INI file at `path` (if any), then `overrides` (unset ones are None)."""
+        config = cls()
+        if path:
+            config.read_ini(path)
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                setattr(config, name, value)
+        config.check()
+        return config
+
+    def read_ini(self, path: str) -> None:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except OSError as e:
+            raise InvalidRequest(f"cannot read the configuration file {path}: {e.strerror}") from None
+        known = {f.metadata["ini"][:2]: f for f in fields(self)}
+        for section in parser.sections():
+            for option, text in parser.items(section):
+                spec = known.get((section, option))
+                if spec is None:
+                    raise InvalidRequest(f"{path}: [{section}] {option} is not a wmgr option")
+                try:
+                    setattr(self, spec.name, spec.metadata["ini"][2](text))
+                except ValueError as e:
+                    raise InvalidRequest(f"{path}: [{section}] {option} = {text!r}: {e}") from None
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidRequest(f"port {self.port} is out of range")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise InvalidRequest(f"http_port {self.http_port} is out of range")
+        if self.output_limit < 0 or self.kill_grace < 0 or self.sample_interval <= 0:
+            raise InvalidRequest("output_limit and kill_grace must be >= 0, sample_interval > 0")

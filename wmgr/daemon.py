@@ -1,0 +1,176 @@
+"""The daemon as one service tree: store, job queue, HTTP listeners and periodic upkeep.
+
+Start order matters: the store opens and the queue settles what an earlier daemon left running
+before anything listens, so no client ever sees a half-loaded queue; the URL file is written last,
+once the listeners are up, which is what scripts and tests wait for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+
+from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
+from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.wr import WrAPI
+from wmgr.auth import TOKEN_FILE, ensure_token
+from wmgr.config import Config
+from wmgr.jobs.queue import JobQueue
+from wmgr.jobs.scheduler import Capacity
+from wmgr.store import Store
+from wmgr.tls import ServerTLS, write_public
+
+log = Logger()
+
+URL_FILE = "wmgr.url"
+
+
+def guarded(name: str, body: Callable[[], Any]) -> Callable[[], Deferred[None]]:
+    """A timer body that never lets an exception stop its loop (a LoopingCall stops for good on
+    the first one)."""
+
+    async def tick() -> None:
+        try:
+            result = body()
+            if isinstance(result, (Deferred, Awaitable)):
+                await result
+        except Exception:
+            log.failure("periodic task {name} failed; it will run again", name=name)
+
+    return lambda: ensureDeferred(tick())
+
+
+def url_host(interface: str) -> str:
+    if interface in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost"):
+        return "localhost"
+    return f"[{interface}]" if ":" in interface else interface
+
+
+class WmgrService(MultiService):
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._reactor = reactor
+        self.ports: list[Any] = []
+        self.port = 0
+        self.http_port: Optional[int] = None
+        self.url = ""
+        self.store: Optional[Store] = None
+        self.queue: Optional[JobQueue] = None
+        self._started: Optional[Deferred[None]] = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = ensureDeferred(self._start())
+        self._started.addErrback(self._failed_to_start)
+
+    def _failed_to_start(self, failure: Any) -> None:
+        log.failure("wmgr could not start", failure)
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+    async def _start(self) -> None:
+        config = self.config
+        first_start = not (self.data_dir / TOKEN_FILE).exists()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        token = ensure_token(self.data_dir)
+        self.tls = ServerTLS(self.data_dir, config.tls_names)
+
+        self.store = Store(self.data_dir / "wmgr.db", self._reactor)
+        self.store.open()
+        capacity = Capacity.detect(config.max_cores, config.max_memory, config.zero_core_slots)
+        self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity,
+                              output_limit=config.output_limit, kill_grace=config.kill_grace)
+        await self.queue.start()
+
+        self._add_timer(config.sample_interval, "sample running jobs", self.queue.sample)
+        self._add_timer(config.renew_check_interval, "renew the server certificate", self.tls.renew_if_due)
+
+        surfaces = [(("rest",), WrAPI(self.queue, self.info).resource())]
+        fallback = RootApp(document([WR_PATHS, ROOT_PATHS])).app.resource()
+        site = QuietSite(Root(token, surfaces, fallback))
+
+        port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)
+        self.ports.append(port)
+        self.port = port.getHost().port
+        if config.http_port is not None:
+            plain = TCP6ServerEndpoint if ":" in config.interface else TCP4ServerEndpoint
+            http = await plain(self._reactor, config.http_port, interface=config.interface).listen(site)
+            self.ports.append(http)
+            self.http_port = http.getHost().port
+
+        self.url = f"https://{url_host(config.interface)}:{self.port}/"
+        write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")
+        self._announce(first_start)
+
+    def _add_timer(self, interval: float, name: str, body: Callable[[], Any]) -> None:
+        timer = TimerService(interval, guarded(name, body))
+        timer.clock = self._reactor
+        timer.setServiceParent(self)
+
+    def _announce(self, first_start: bool) -> None:
+        ca, token = self.data_dir / "ca.pem", self.data_dir / TOKEN_FILE
+        log.info(
+            "wmgr {state} on {url} (data in {data_dir}); CA certificate: {ca}; token file: {token}",
+            state="started for the first time" if first_start else "started",
+            url=self.url, data_dir=str(self.data_dir), ca=str(ca), token=str(token),
+        )
+        log.info(
+            "try it: curl --cacert {ca} -H \"Authorization: Bearer $(cat {token})\" {url}rest/v1/info/",
+            ca=str(ca), token=str(token), url=self.url,
+        )
+        if self.http_port is not None:
+            log.info("plain HTTP (token required) on http://{host}:{port}/",
+                     host=url_host(self.config.interface), port=self.http_port)
+
+    def info(self) -> dict[str, Any]:
+        assert self.queue is not None
+        return {
+            "Addr": f"{url_host(self.config.interface)}:{self.port}",
+            "Host": socket.gethostname(),
+            "Port": str(self.port),
+            "WebPort": str(self.port),
+            "PID": os.getpid(),
+            "Deployment": self.config.deployment,
+            "Scheduler": "local",
+            "Mode": self.queue.mode,
+        }
+
+    async def _stop(self) -> None:
+        for port in self.ports:
+            await port.stopListening()
+        self.ports.clear()
+        await MultiService.stopService(self)
+        if self.queue is not None:
+            await self.queue.stop()
+        if self.store is not None:
+            await self.store.close()
+        try:
+            (self.data_dir / URL_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        log.info("wmgr stopped; every write is committed")
+        # twistd ends the process by re-raising the signal that stopped the reactor, which makes a
+        # SIGTERM exit with status -15. SIGTERM is how wmgr is meant to be stopped, and a clean
+        # stop exits 0; other signals keep their meaning.
+        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
+            self._reactor._exitSignal = None
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())

@@ -1,0 +1,453 @@
+"""Jobs: what a client defines, how it is checked, its key, and the status object wr clients read.
+
+A job's definition (its "spec") is a plain dict of normalised values: the names are wr's REST
+property names, the units are ours (memory in MB, time in seconds). Everything a run produces
+lives on the Job as attributes and is stored as the "run" JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+import farmhash
+
+from wmgr.errors import InvalidRequest
+
+# -- states ----------------------------------------------------------------------------------------
+
+DELAYED = "delayed"
+READY = "ready"
+RESERVED = "reserved"
+RUNNING = "running"
+LOST = "lost"
+BURIED = "buried"
+DEPENDENT = "dependent"
+COMPLETE = "complete"
+DELETED = "deleted"  # only ever in the reply to a DELETE
+DELETABLE = "deletable"  # a filter: neither running nor complete
+
+STATES = (DELAYED, READY, RESERVED, RUNNING, LOST, BURIED, DEPENDENT, COMPLETE)
+FILTER_STATES = STATES + (DELETABLE,)
+ACTIVE_STATES = frozenset({RESERVED, RUNNING})
+
+# wr's "time.Time{}" as unix seconds: what its clients see for a job that has not started or ended.
+UNSET_TIME = -62135596800
+
+# wr's fail reasons are part of its observable API; these are the ones this manager produces.
+FAIL_NONZERO = "command exited non-zero"
+FAIL_PERMISSION = "command permission problem"
+FAIL_NOT_FOUND = "command not found"
+FAIL_CWD = "working directory does not exist"
+FAIL_START = "command failed to start"
+FAIL_SIGNAL = "command failed to complete normally"
+FAIL_KILLED = "killed by user request"
+FAIL_LOST = "lost contact with runner"
+FAIL_RESOURCES = "resource requirements cannot be met"
+FAIL_RAM = "command used too much RAM"
+FAIL_TIME = "command used too much time"
+
+# -- defaults (wr's REST defaults) -----------------------------------------------------------------
+
+DEFAULT_REP_GRP = "manually_added"
+DEFAULT_CWD = "/tmp"
+DEFAULT_MEMORY_MB = 1000
+DEFAULT_TIME_S = 3600.0
+
+# -- value parsers ---------------------------------------------------------------------------------
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP])B?\s*$", re.IGNORECASE)
+_MEMORY_MB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2, "P": 1024**3}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_memory(value: Any) -> int:
+    """'5M', '3G', '512K' -> whole megabytes (binary units, as wr). A bare number is refused."""
+    match = _MEMORY.match(value) if isinstance(value, str) else None
+    if not match:
+        raise InvalidRequest(f"memory {value!r} is not a number followed by a unit such as 5M or 3G")
+    return max(1, math.ceil(float(match.group(1)) * _MEMORY_MB[match.group(2).upper()]))
+
+
+def parse_duration(value: Any) -> float:
+    """A Go duration ('5s', '30m', '1h30m', '1.5h', '0') -> seconds."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "0":
+            return 0.0
+        position, total = 0, 0.0
+        for part in _DURATION_PART.finditer(text):
+            if part.start() != position:
+                break
+            total += float(part.group(1)) * _DURATION_S[part.group(2)]
+            position = part.end()
+        else:
+            if position == len(text) and position:
+                return total
+    raise InvalidRequest(f"time {value!r} is not a duration such as 5s, 30m or 1h30m")
+
+
+def _int_in(name: str, low: int, high: int) -> Any:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InvalidRequest(f"{name} must be a whole number from {low} to {high}, not {value!r}")
+        return value
+
+    return parse
+
+
+def _number(name: str) -> Any:
+    def parse(value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+            raise InvalidRequest(f"{name} must be a number of at least 0, not {value!r}")
+        return value
+
+    return parse
+
+
+def _boolean(name: str) -> Any:
+    def parse(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
+            return value.lower() in ("true", "1", "yes")
+        raise InvalidRequest(f"{name} must be true or false, not {value!r}")
+
+    return parse
+
+
+def _text(name: str) -> Any:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{name} must be a string, not {value!r}")
+        if "\x00" in value:
+            raise InvalidRequest(f"{name} must not contain a NUL character")
+        return value
+
+    return parse
+
+
+def _strings(name: str) -> Any:
+    """A JSON array of strings, or (from a query parameter) one comma-separated string."""
+
+    def parse(value: Any) -> list[str]:
+        if isinstance(value, str):
+            value = [item for item in value.split(",") if item]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise InvalidRequest(f"{name} must be an array of strings, not {value!r}")
+        return value
+
+    return parse
+
+
+_BEHAVIOUR_KINDS = {"cleanup": bool, "cleanup_all": bool, "run": str, "remove": bool, "nothing": bool}
+
+
+def _behaviours(name: str) -> Any:
+    def parse(value: Any) -> list[dict[str, Any]]:
+        value = _json_value(name, value)
+        if value is None:
+            return []
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list):
+            raise InvalidRequest(f"{name} must be an array of behaviour objects")
+        for behaviour in value:
+            if not isinstance(behaviour, dict) or len(behaviour) != 1:
+                raise InvalidRequest(
+                    f"each {name} behaviour must be one of {{\"cleanup\":true}}, "
+                    f"{{\"cleanup_all\":true}} or {{\"run\":\"command\"}}, not {behaviour!r}"
+                )
+            ((kind, argument),) = behaviour.items()
+            if kind not in _BEHAVIOUR_KINDS or not isinstance(argument, _BEHAVIOUR_KINDS[kind]):
+                raise InvalidRequest(f"{name} behaviour {behaviour!r} is not one this manager knows")
+        return value
+
+    return parse
+
+
+def _json_value(name: str, value: Any) -> Any:
+    """Query parameters carry JSON-valued properties as (URL-escaped) JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value) if value.strip() else None
+        except ValueError:
+            raise InvalidRequest(f"{name} must be JSON, not {value!r}") from None
+    return value
+
+
+def _mounts(name: str) -> Any:
+    def parse(value: Any) -> list[Any]:
+        value = _json_value(name, value)
+        if value in (None, []):
+            return []
+        # Mounts would need a FUSE filesystem this manager does not have: refusing them at add
+        # time is better than queueing a job that can only fail.
+        raise InvalidRequest("mounts are not supported by this manager")
+
+    return parse
+
+
+def _unsupported(name: str) -> Any:
+    def parse(value: Any) -> str:
+        if value in (None, ""):
+            return ""
+        raise InvalidRequest(f"{name} is not supported by this manager (no container runtime)")
+
+    return parse
+
+
+# Each property a job may have: its parser. Query parameters of the same names give defaults.
+PARSERS: dict[str, Any] = {
+    "cmd": _text("cmd"),
+    "cwd": _text("cwd"),
+    "cwd_matters": _boolean("cwd_matters"),
+    "change_home": _boolean("change_home"),
+    "rep_grp": _text("rep_grp"),
+    "req_grp": _text("req_grp"),
+    "memory": parse_memory,
+    "time": parse_duration,
+    "cpus": _number("cpus"),
+    "disk": _int_in("disk", 0, 1 << 30),
+    "override": _int_in("override", 0, 2),
+    "priority": _int_in("priority", 0, 255),
+    "retries": _int_in("retries", 0, 255),
+    "dep_grps": _strings("dep_grps"),
+    "deps": _strings("deps"),
+    "limit_grps": _strings("limit_grps"),
+    "env": _strings("env"),
+    "on_failure": _behaviours("on_failure"),
+    "on_success": _behaviours("on_success"),
+    "on_exit": _behaviours("on_exit"),
+    "mounts": _mounts("mounts"),
+    "monitor_docker": _text("monitor_docker"),
+    "with_docker": _unsupported("with_docker"),
+    "with_singularity": _unsupported("with_singularity"),
+    "container_mounts": _text("container_mounts"),
+    "rerun": _boolean("rerun"),
+    "cloud_os": _text("cloud_os"),
+    "cloud_username": _text("cloud_username"),
+    "cloud_flavor": _text("cloud_flavor"),
+    "cloud_script": _text("cloud_script"),
+    "cloud_config_files": _text("cloud_config_files"),
+    "cloud_ram": _int_in("cloud_ram", 0, 1 << 30),
+}
+OTHER_REQUESTS = ("cloud_os", "cloud_username", "cloud_flavor", "cloud_script", "cloud_config_files", "cloud_ram")
+BEHAVIOUR_EVENTS = ("on_failure", "on_success", "on_exit")
+
+
+def parse_defaults(query: Mapping[str, str]) -> dict[str, Any]:
+    """Query parameters as defaults for every job of a POST. Unknown names are refused."""
+    defaults: dict[str, Any] = {}
+    for name, value in query.items():
+        if name == "token":
+            continue
+        if name == "cmd":
+            raise InvalidRequest("cmd cannot be given as a default")
+        parser = PARSERS.get(name)
+        if parser is None:
+            raise InvalidRequest(f"{name!r} is not a job property")
+        defaults[name] = parser(value)
+    return defaults
+
+
+def parse_spec(raw: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """One job object of a POST, merged over the defaults and checked, as a normalised spec."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"each job must be a JSON object, not {raw!r}")
+    spec = dict(defaults)
+    for name, value in raw.items():
+        parser = PARSERS.get(name)
+        if parser is None:
+            raise InvalidRequest(f"{name!r} is not a job property")
+        if value is not None:
+            spec[name] = parser(value)
+    cmd = spec.get("cmd")
+    if not cmd or not cmd.strip():
+        raise InvalidRequest("cmd was not specified")
+    return spec
+
+
+def normalise(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fill in defaults so that every stored spec is complete."""
+    cwd = spec.get("cwd") or DEFAULT_CWD
+    if not os.path.isabs(cwd):
+        raise InvalidRequest(f"cwd {cwd!r} must be an absolute path")
+    spec["cwd"] = cwd
+    spec.setdefault("rep_grp", DEFAULT_REP_GRP)
+    if not spec.get("req_grp"):
+        first = spec["cmd"].split(None, 1)[0] if spec["cmd"].split() else ""
+        spec["req_grp"] = os.path.basename(first)
+    spec.setdefault("memory", DEFAULT_MEMORY_MB)
+    spec.setdefault("time", DEFAULT_TIME_S)
+    spec.setdefault("cpus", 0)
+    spec.setdefault("priority", 0)
+    spec.setdefault("retries", 0)
+    spec.pop("rerun", None)
+    for name in ("dep_grps", "deps", "limit_grps"):
+        if spec.get(name):
+            spec[name] = sorted(set(spec[name]))
+    if spec.get("env"):
+        for entry in spec["env"]:
+            if "=" not in entry or entry.startswith("="):
+                raise InvalidRequest(f"env entry {entry!r} must look like NAME=value")
+    return spec
+
+
+def job_key(spec: Mapping[str, Any]) -> str:
+    """wr's key: FarmHash Fingerprint128 of cmd (and cwd when it matters), as 32 hex digits."""
+    essence = spec["cmd"] + "."
+    if spec.get("cwd_matters"):
+        essence = spec["cwd"] + "." + essence
+    high, low = farmhash.fingerprint128(essence)
+    return "%016x%016x" % (high, low)
+
+
+def is_key(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+# Attributes a run produces, with their values before any run; persisted as the "run" JSON.
+RUN_FIELDS: dict[str, Any] = {
+    "attempts": 0,
+    "pid": 0,
+    "host": "",
+    "host_ip": "",
+    "started": None,
+    "ended": None,
+    "exited": False,
+    "exitcode": 0,
+    "fail_reason": "",
+    "peak_ram": 0,
+    "cpu_time": 0.0,
+    "actual_cwd": "",
+    "home_changed": False,
+    "kill_reason": "",
+}
+
+
+class Job:
+    """One job of the queue: its definition, its state, and what its latest run produced."""
+
+    __slots__ = ("key", "spec", "state", "seq", "stdout", "stderr") + tuple(RUN_FIELDS)
+
+    def __init__(self, key: str, spec: dict[str, Any], state: str, seq: int) -> None:
+        self.key = key
+        self.spec = spec
+        self.state = state
+        self.seq = seq
+        self.stdout = ""
+        self.stderr = ""
+        for name, value in RUN_FIELDS.items():
+            setattr(self, name, value)
+
+    @property
+    def rep_grp(self) -> str:
+        return self.spec["rep_grp"]
+
+    @property
+    def cores(self) -> float:
+        return self.spec["cpus"]
+
+    @property
+    def memory(self) -> int:
+        return self.spec["memory"]
+
+    def run_record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RUN_FIELDS}
+
+    def restore_run(self, record: Mapping[str, Any]) -> None:
+        for name, value in record.items():
+            if name in RUN_FIELDS:
+                setattr(self, name, value)
+
+    def reset_run(self) -> None:
+        attempts = self.attempts
+        for name, value in RUN_FIELDS.items():
+            setattr(self, name, value)
+        self.attempts = attempts
+        self.stdout = self.stderr = ""
+
+    def walltime(self, now: float) -> float:
+        if self.started is None:
+            return 0.0
+        return max(0.0, (self.ended if self.ended is not None else now) - self.started)
+
+    def status(self, now: float, std: bool = False, env: bool = False, similar: int = 0) -> dict[str, Any]:
+        """The wr status object (JStatus), with wr's names, types and units."""
+        spec = self.spec
+        behaviours = {event: spec[event] for event in BEHAVIOUR_EVENTS if spec.get(event)}
+        others = [f"{name}:{spec[name]}" for name in OTHER_REQUESTS if spec.get(name)]
+        cores = spec["cpus"]
+        return {
+            "Key": self.key,
+            "RepGroup": spec["rep_grp"],
+            "DepGroups": spec.get("dep_grps") or None,
+            "Dependencies": spec.get("deps") or None,
+            "Cmd": spec["cmd"],
+            "State": self.state,
+            "Cwd": self.actual_cwd,
+            "CwdBase": spec["cwd"],
+            "HomeChanged": self.home_changed,
+            "Behaviours": json.dumps(behaviours) if behaviours else "",
+            "Mounts": "",
+            "MonitorDocker": spec.get("monitor_docker", ""),
+            "WithDocker": "",
+            "WithSingularity": "",
+            "ContainerMounts": spec.get("container_mounts", ""),
+            "ExpectedRAM": spec["memory"],
+            "ExpectedTime": spec["time"],
+            "RequestedDisk": spec.get("disk", 0),
+            "Cores": int(cores) if float(cores).is_integer() else cores,
+            "PeakRAM": self.peak_ram,
+            "OtherRequests": others or None,
+            "Exited": self.exited,
+            "Exitcode": self.exitcode,
+            "FailReason": self.fail_reason,
+            "Pid": self.pid,
+            "Host": self.host,
+            "HostID": "",
+            "HostIP": self.host_ip,
+            "Walltime": self.walltime(now),
+            "CPUtime": self.cpu_time,
+            "Started": int(self.started) if self.started is not None else UNSET_TIME,
+            "Ended": int(self.ended) if self.ended is not None else UNSET_TIME,
+            # wr shows output without its final newline ("mymsg", not "mymsg\n").
+            "StdErr": self.stderr.rstrip("\n") if std else "",
+            "StdOut": self.stdout.rstrip("\n") if std else "",
+            "Env": (spec.get("env") or None) if env else None,
+            "Attempts": self.attempts,
+            "Similar": similar,
+        }
+
+
+def grouped(jobs: Iterable[Job], limit: int) -> list[tuple[Job, int]]:
+    """wr's limit=N: group by (state, exit code, fail reason), keep N of each; the last one kept
+    carries how many more were left out (its Similar)."""
+    groups: dict[tuple[str, int, str], list[Any]] = {}
+    for job in jobs:
+        group = groups.get((job.state, job.exitcode, job.fail_reason))
+        if group is None:
+            groups[(job.state, job.exitcode, job.fail_reason)] = [[job], 0]
+        elif len(group[0]) < limit:
+            group[0].append(job)
+        else:
+            group[1] += 1
+    result: list[tuple[Job, int]] = []
+    for kept, hidden in groups.values():
+        result.extend((job, 0) for job in kept[:-1])
+        result.append((kept[-1], hidden))
+    return result

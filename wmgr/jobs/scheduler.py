@@ -1,0 +1,109 @@
+"""Which ready jobs start now: declared cores and memory packed against the machine's capacity.
+
+Ready jobs are kept in groups of one shape (priority, cores, memory), each a FIFO heap by the
+order jobs were added. A pass visits the groups by priority, then by size (larger first: they are
+the hardest to place later), then by age, and starts from each as many jobs as fit. Work per pass
+is proportional to the number of shapes and jobs started, not to the number of jobs waiting.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import psutil
+
+from wmgr.jobs.model import Job
+
+
+@dataclass
+class Capacity:
+    """What the machine offers to jobs. Jobs that ask for no cores still take a slot: at most
+    `zero_core_slots` of them run at once (wr allows twice the core count)."""
+
+    cores: float
+    memory: int  # MB
+    zero_core_slots: int
+
+    @classmethod
+    def detect(cls, cores: Optional[float] = None, memory: Optional[int] = None,
+               zero_core_slots: Optional[int] = None) -> "Capacity":
+        cores = cores if cores is not None else float(psutil.cpu_count() or 1)
+        memory = memory if memory is not None else psutil.virtual_memory().total // (1024 * 1024)
+        slots = zero_core_slots if zero_core_slots is not None else max(1, int(2 * cores))
+        return cls(cores=cores, memory=memory, zero_core_slots=slots)
+
+
+Shape = tuple[int, float, int]  # priority, cores, memory
+
+
+class Scheduler:
+    """Tracks what running jobs hold and picks the ready jobs that fit next."""
+
+    def __init__(self, capacity: Capacity) -> None:
+        self.capacity = capacity
+        self.used_cores = 0.0
+        self.used_memory = 0
+        self.zero_core_running = 0
+        self._groups: dict[Shape, list[tuple[int, str]]] = {}
+
+    # -- ready jobs ----------------------------------------------------------------------------
+
+    @staticmethod
+    def shape(job: Job) -> Shape:
+        return (job.spec.get("priority", 0), job.spec["cpus"], job.spec["memory"])
+
+    def push(self, job: Job) -> None:
+        heapq.heappush(self._groups.setdefault(self.shape(job), []), (job.seq, job.key))
+
+    def never_fits(self, job: Job) -> bool:
+        return job.cores > self.capacity.cores or job.memory > self.capacity.memory
+
+    def fits(self, job: Job) -> bool:
+        if job.memory > self.capacity.memory - self.used_memory:
+            return False
+        if job.cores == 0:
+            return self.zero_core_running < self.capacity.zero_core_slots
+        return job.cores <= self.capacity.cores - self.used_cores + 1e-9
+
+    def take(self, job: Job) -> None:
+        self.used_memory += job.memory
+        if job.cores == 0:
+            self.zero_core_running += 1
+        else:
+            self.used_cores += job.cores
+
+    def release(self, job: Job) -> None:
+        self.used_memory -= job.memory
+        if job.cores == 0:
+            self.zero_core_running -= 1
+        else:
+            self.used_cores -= job.cores
+
+    def pick(self, lookup: Callable[[str], Optional[Job]], is_ready: Callable[[Job], bool]) -> Iterator[Job]:
+        """Yield ready jobs that fit, taking their resources. `lookup` and `is_ready` let stale
+        entries (jobs deleted or changed since they were pushed) be dropped as they are met."""
+        order = sorted(
+            (shape for shape, heap in self._groups.items() if heap),
+            key=lambda s: (-s[0], -max(s[1] / max(self.capacity.cores, 1e-9), s[2] / max(self.capacity.memory, 1)),
+                           self._groups[s][0][0]),
+        )
+        for shape in order:
+            heap = self._groups[shape]
+            while heap:
+                seq, key = heap[0]
+                job = lookup(key)
+                if job is None or job.seq != seq or not is_ready(job) or self.shape(job) != shape:
+                    heapq.heappop(heap)
+                    continue
+                if not self.fits(job):
+                    break
+                heapq.heappop(heap)
+                self.take(job)
+                yield job
+            if not heap:
+                del self._groups[shape]
+
+    def waiting(self) -> int:
+        return sum(len(heap) for heap in self._groups.values())

@@ -1,0 +1,193 @@
+"""The one SQLite store.
+
+Every write goes through one writer thread, which takes whatever operations are waiting, runs each
+inside its own savepoint (so one failing operation leaves the others intact) and commits them all
+in one transaction. The Deferred of each operation fires on the reactor thread only after that
+commit, so a caller that answers a client after awaiting it has made the change durable first.
+Reads run on a small pool of reader connections; WAL mode lets them proceed while the writer
+commits. Nothing here ever touches SQLite from the reactor thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.internet.threads import deferToThreadPool
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], T]
+
+log = Logger()
+
+# Schema versions, applied in order; PRAGMA user_version records how far a database has come.
+MIGRATIONS: list[str] = [
+    # 1: the job table. Live jobs are also held in memory by the queue; this is their durable copy
+    # and the only copy of completed ones. spec and run are JSON: the definition a client gave, and
+    # what running it produced.
+    """
+    CREATE TABLE jobs (
+        key      TEXT PRIMARY KEY,
+        rep_grp  TEXT NOT NULL,
+        state    TEXT NOT NULL,
+        seq      INTEGER NOT NULL,
+        spec     TEXT NOT NULL,
+        run      TEXT NOT NULL DEFAULT '{}',
+        stdout   TEXT NOT NULL DEFAULT '',
+        stderr   TEXT NOT NULL DEFAULT '',
+        updated  REAL NOT NULL
+    );
+    CREATE INDEX jobs_rep_grp ON jobs (rep_grp, state);
+    CREATE INDEX jobs_state ON jobs (state, updated);
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+_STOP = object()
+# An upper bound on operations per transaction, so that one commit never holds up replies for long.
+MAX_BATCH = 2000
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: every commit is fsynced, so "acknowledged" survives a power cut as well as a kill -9.
+    # Batching many operations per commit is what keeps this affordable.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class Store:
+    """The daemon's SQLite database: a writer thread with batched commits and reader threads."""
+
+    def __init__(self, path: Path, reactor: Any, readers: int = 2) -> None:
+        self.path = Path(path)
+        self._reactor = reactor
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._stopped: Deferred[None] | None = None
+        self._readers = ThreadPool(minthreads=1, maxthreads=readers, name="wmgr-store-read")
+        self._local = threading.local()
+        self.commits = 0  # transactions committed; the tests and benchmarks read it
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create or migrate the database and start the threads. Runs before the reactor does."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(str(self.path))
+        migrate(conn)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(conn,), name="wmgr-store-write", daemon=True
+        )
+        self._writer.start()
+        self._readers.start()
+
+    def close(self) -> Deferred[None]:
+        """Finish every queued write, then stop the threads; fires when the writer has exited."""
+        if self._stopped is None:
+            self._stopped = Deferred()
+            self._queue.put(_STOP)
+            self._readers.stop()
+        return self._stopped
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def write(self, operation: Operation[T]) -> Deferred[T]:
+        """Run operation(conn) in the writer thread; fire with its result once committed."""
+        if self._stopped is not None:
+            raise RuntimeError("the store is closed")
+        d: Deferred[T] = Deferred()
+        self._queue.put((operation, d))
+        return d
+
+    def read(self, operation: Operation[T]) -> Deferred[T]:
+        """Run operation(conn) on a reader connection in a reader thread."""
+        return deferToThreadPool(self._reactor, self._readers, self._read, operation)
+
+    def _read(self, operation: Operation[T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _connect(str(self.path))
+        conn.execute("BEGIN")
+        try:
+            return operation(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    # -- the writer thread ---------------------------------------------------------------------
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            work = [item for item in batch if item is not _STOP]
+            stopping = len(work) != len(batch)
+            if work:
+                self._run_batch(conn, work)
+        conn.close()
+        self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _run_batch(self, conn: sqlite3.Connection, work: list[tuple[Operation[Any], Deferred[Any]]]) -> None:
+        outcomes: list[tuple[Deferred[Any], Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for operation, d in work:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = operation(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK TO op")
+                    result = Failure()
+                conn.execute("RELEASE op")
+                outcomes.append((d, result))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException:
+            # The commit itself failed (disk full, I/O error): nothing in this batch is durable.
+            failure = Failure()
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            outcomes = [(d, failure) for _, d in work]
+        self._reactor.callFromThread(_fire_all, outcomes)
+
+
+def _fire_all(outcomes: list[tuple[Deferred[Any], Any]]) -> None:
+    for d, result in outcomes:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date; return the version it is at."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the store at schema version {version} is newer than this wmgr ({len(MIGRATIONS)})"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+        log.info("store schema migrated to version {version}", version=number)
+    return len(MIGRATIONS)

@@ -1,0 +1,58 @@
+"""`twistd wmgr`: the command-line options and the service tree they build."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from wmgr.config import Config
+from wmgr.errors import InvalidRequest
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--data-dir DIR] [--interface ADDR] [--port N] [--http-port N]"
+    longdesc = (
+        "Serve the wmgr APIs (wr jobs, pman, tasks and workers, services and databases, "
+        "connections) over HTTPS with the daemon's own CA and a bearer token. Command-line "
+        "options override the configuration file; etc/wmgr.cnf documents every option."
+    )
+    optParameters = [
+        ["config", "c", None, "An INI configuration file in the format of etc/wmgr.cnf."],
+        ["data-dir", "d", None, "Data directory: store, CA, token, run files "
+                                "(default: $WMGR_DATA_DIR, else ~/.wmgr)."],
+        ["interface", "i", None, "Address to listen on (default 127.0.0.1)."],
+        ["port", "p", None, "HTTPS port (default 5012; 0 picks a free one).", int],
+        ["http-port", None, None, "Also serve plain HTTP on this port, same interface and token "
+                                  "(default: off; 0 picks a free one).", int],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self.config = Config.load(self["config"], {
+                "data_dir": _path(self["data-dir"]),
+                "interface": self["interface"],
+                "port": self["port"],
+                "http_port": self["http-port"],
+            })
+        except InvalidRequest as e:
+            raise usage.UsageError(e.reason) from None
+
+
+def _path(text: Optional[str]) -> Any:
+    if text is None:
+        return None
+    from wmgr.config import _data_dir
+
+    return _data_dir(text)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    from wmgr.daemon import WmgrService
+
+    return WmgrService(options.config, reactor)
