@@ -66,6 +66,17 @@ class Config:
     output_limit: int = field(default=4096, metadata={"ini": ("jobs", "output_limit", int)})
     kill_grace: float = field(default=5.0, metadata={"ini": ("jobs", "kill_grace", float)})
     sample_interval: float = field(default=1.0, metadata={"ini": ("jobs", "sample_interval", float)})
+    retry_base: float = field(default=30.0, metadata={"ini": ("jobs", "retry_base", float)})
+    retry_cap: float = field(default=1800.0, metadata={"ini": ("jobs", "retry_cap", float)})
+    retry_jitter: float = field(default=0.25, metadata={"ini": ("jobs", "retry_jitter", float)})
+    enforce_limits: bool = field(default=True, metadata={"ini": ("jobs", "enforce_limits", _boolean)})
+    memory_margin: float = field(default=0.10, metadata={"ini": ("jobs", "memory_margin", float)})
+    time_margin: float = field(default=0.10, metadata={"ini": ("jobs", "time_margin", float)})
+    history_max_age: float = field(default=0.0, metadata={"ini": ("history", "max_age", float)})
+    history_max_count: int = field(default=0, metadata={"ini": ("history", "max_count", int)})
+    prune_interval: float = field(default=3600.0, metadata={"ini": ("history", "prune_interval", float)})
+    upload_roots: list[str] = field(default_factory=lambda: ["~", "/tmp"],
+                                    metadata={"ini": ("upload", "roots", _names)})
     pman_allow_quit: bool = field(default=False, metadata={"ini": ("pman", "allow_quit", _boolean)})
 
     @classmethod
@@ -105,3 +116,9 @@ class Config:
             raise InvalidRequest(f"http_port {self.http_port} is out of range")
         if self.output_limit < 0 or self.kill_grace < 0 or self.sample_interval <= 0:
             raise InvalidRequest("output_limit and kill_grace must be >= 0, sample_interval > 0")
+        if self.retry_base < 0 or self.retry_cap < 0 or self.retry_jitter < 0:
+            raise InvalidRequest("retry_base, retry_cap and retry_jitter must be >= 0")
+        if self.memory_margin < 0 or self.time_margin < 0:
+            raise InvalidRequest("memory_margin and time_margin must be >= 0")
+        if self.history_max_age < 0 or self.history_max_count < 0 or self.prune_interval <= 0:
+            raise InvalidRequest("history max_age and max_count must be >= 0, prune_interval > 0")

@@ -20,11 +20,14 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
+from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.root import QuietSite, Root, RootApp
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
-from wmgr.jobs.queue import JobQueue
+from wmgr.jobs.queue import JobQueue, QueuePolicy
+from wmgr.servers import BadServers
+from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
 from wmgr.store import Store
 from wmgr.tls import ServerTLS, write_public
@@ -67,6 +70,8 @@ class WmgrService(MultiService):
         self.store: Optional[Store] = None
         self.queue: Optional[JobQueue] = None
         self._started: Optional[Deferred[None]] = None
+        # Hosts that stopped answering; the worker role reports them here.
+        self.bad_servers = BadServers()
 
     @property
     def data_dir(self) -> Path:
@@ -95,15 +100,24 @@ class WmgrService(MultiService):
         self.store = Store(self.data_dir / "wmgr.db", self._reactor)
         self.store.open()
         capacity = Capacity.detect(config.max_cores, config.max_memory, config.zero_core_slots)
-        self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity,
-                              output_limit=config.output_limit, kill_grace=config.kill_grace)
+        policy = QueuePolicy(
+            output_limit=config.output_limit, kill_grace=config.kill_grace, retry_base=config.retry_base,
+            retry_cap=config.retry_cap, retry_jitter=config.retry_jitter, enforce_limits=config.enforce_limits,
+            memory_margin=config.memory_margin, time_margin=config.time_margin,
+            history_max_age=config.history_max_age, history_max_count=config.history_max_count,
+        )
+        self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity, policy)
+        self.queue.on_drained = self._drained
         await self.queue.start()
 
         self._add_timer(config.sample_interval, "sample running jobs", self.queue.sample)
         self._add_timer(config.renew_check_interval, "renew the server certificate", self.tls.renew_if_due)
+        self._add_timer(config.prune_interval, "prune the job history", self.queue.prune)
 
-        surfaces = [(("rest",), WrAPI(self.queue, self.info).resource())]
-        fallback = RootApp(document([WR_PATHS, ROOT_PATHS])).app.resource()
+        uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
+        surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
+                    (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit).resource())]
+        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback))
 
         port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)
@@ -138,6 +152,10 @@ class WmgrService(MultiService):
         if self.http_port is not None:
             log.info("plain HTTP (token required) on http://{host}:{port}/",
                      host=url_host(self.config.interface), port=self.http_port)
+
+    def _drained(self) -> None:
+        log.info("drained: no job is running any more; stopping")
+        self._reactor.callLater(0, self._reactor.stop)
 
     def info(self) -> dict[str, Any]:
         assert self.queue is not None

@@ -48,6 +48,41 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_state ON jobs (state, updated);
     CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: what keeps status and adds independent of the size of the history. exitcode and
+    # fail_reason become columns so that jobs can be grouped as wr's limit=N groups them;
+    # rep_grp_states counts jobs per (rep group, state, exit code, fail reason), kept up to date
+    # in the same transaction as every change; job_deps finds completed jobs that wait for a
+    # group (live dependencies re-run them); req_samples feeds resource learning; limit_groups
+    # keeps the limits set with name:N.
+    """
+    ALTER TABLE jobs ADD COLUMN exitcode INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN fail_reason TEXT NOT NULL DEFAULT '';
+    UPDATE jobs SET exitcode = COALESCE(json_extract(run, '$.exitcode'), 0),
+                    fail_reason = COALESCE(json_extract(run, '$.fail_reason'), '');
+    DROP INDEX jobs_rep_grp;
+    CREATE INDEX jobs_rep_grp ON jobs (rep_grp, state, exitcode, fail_reason, seq);
+    CREATE TABLE rep_grp_states (
+        rep_grp     TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        exitcode    INTEGER NOT NULL,
+        fail_reason TEXT NOT NULL,
+        n           INTEGER NOT NULL,
+        PRIMARY KEY (rep_grp, state, exitcode, fail_reason)
+    );
+    INSERT INTO rep_grp_states
+        SELECT rep_grp, state, exitcode, fail_reason, COUNT(*) FROM jobs
+        GROUP BY rep_grp, state, exitcode, fail_reason;
+    CREATE TABLE job_deps (dep_grp TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (dep_grp, key));
+    INSERT OR IGNORE INTO job_deps SELECT each.value, jobs.key FROM jobs, json_each(jobs.spec, '$.deps') AS each;
+    CREATE TABLE req_samples (
+        id      INTEGER PRIMARY KEY,
+        req_grp TEXT NOT NULL,
+        ram     INTEGER NOT NULL,
+        secs    REAL NOT NULL
+    );
+    CREATE INDEX req_samples_grp ON req_samples (req_grp, id);
+    CREATE TABLE limit_groups (name TEXT PRIMARY KEY, lim INTEGER NOT NULL);
+    """,
 ]
 
 _STOP = object()

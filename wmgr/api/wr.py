@@ -9,18 +9,23 @@ from klein import Klein
 
 from wmgr import __version__
 from wmgr.api.common import flag, install_error_handlers, json_response, query, read_json
-from wmgr.errors import InvalidRequest
+from wmgr.errors import InvalidRequest, NotFound
 from wmgr.jobs import model
 from wmgr.jobs.queue import JobQueue
+from wmgr.servers import BadServers
+from wmgr.uploads import Uploads
 
 
 class WrAPI:
     app = Klein()
     install_error_handlers(app)
 
-    def __init__(self, queue: JobQueue, info: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, queue: JobQueue, info: Callable[[], dict[str, Any]], uploads: Uploads,
+                 bad_servers: BadServers) -> None:
         self.queue = queue
         self.info = info
+        self.uploads = uploads
+        self.bad_servers = bad_servers
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -38,14 +43,16 @@ class WrAPI:
     @app.route("/rest/v1/jobs/", methods=["GET"], strict_slashes=False)
     async def incomplete_jobs(self, request: Any) -> bytes:
         params = query(request)
-        state = _state_filter(params)
-        return self._statuses(request, self.queue.incomplete(state), params)
+        jobs = self.queue.incomplete(_state_filter(params))
+        limit = _limit(params)
+        pairs = model.grouped(jobs, limit) if limit else [(job, 0) for job in jobs]
+        return self._statuses(request, pairs, params)
 
     @app.route("/rest/v1/jobs/<path:ids>", methods=["GET"])
     async def some_jobs(self, request: Any, ids: str) -> bytes:
         params = query(request)
-        jobs = await self.queue.select(_ids(ids), _state_filter(params), flag(params, "search"))
-        return self._statuses(request, jobs, params)
+        pairs = await self.queue.status_of(_ids(ids), _state_filter(params), flag(params, "search"), _limit(params))
+        return self._statuses(request, pairs, params)
 
     @app.route("/rest/v1/jobs/", methods=["POST"], strict_slashes=False)
     async def add_jobs(self, request: Any) -> bytes:
@@ -94,16 +101,64 @@ class WrAPI:
         affected = await self.queue.delete(jobs)
         return json_response(request, [job.status(now) for job in affected], 200)
 
-    def _statuses(self, request: Any, jobs: list[model.Job], params: dict[str, str]) -> bytes:
+    # -- beyond wr's REST: what its users ask for ------------------------------------------------
+
+    @app.route("/rest/v1/jobs/<path:ids>/retry", methods=["POST"])
+    async def retry_jobs(self, request: Any, ids: str) -> bytes:
+        """Buried jobs go back to the queue with their retries renewed."""
+        params = query(request)
+        jobs = await self.queue.select(_ids(ids), model.BURIED, flag(params, "search"))
+        affected = await self.queue.retry(jobs)
+        return json_response(request, [job.status(time.time()) for job in affected])
+
+    @app.route("/rest/v1/jobs/<path:ids>", methods=["PATCH"])
+    async def modify_jobs(self, request: Any, ids: str) -> bytes:
+        """Change properties of queued jobs (not running, not complete)."""
+        params = query(request)
+        changes = read_json(request)
+        if not isinstance(changes, dict) or not changes:
+            raise InvalidRequest("the body must be a JSON object of the properties to change")
+        jobs = await self.queue.select(_ids(ids), _state_filter(params), flag(params, "search"))
+        affected = await self.queue.modify(jobs, changes)
+        return json_response(request, [job.status(time.time()) for job in affected])
+
+    @app.route("/rest/v1/manager/<action>", methods=["POST"])
+    def manage(self, request: Any, action: str) -> bytes:
+        """pause: start nothing new; resume: start again; drain: start nothing new and stop the
+        daemon once the running jobs have ended. Answers with the server info (Mode)."""
+        operations = {"pause": self.queue.pause, "resume": self.queue.resume, "drain": self.queue.drain}
+        if action not in operations:
+            raise NotFound(f"no manager action {action!r} (pause, resume or drain)")
+        operations[action]()
+        return json_response(request, self.info())
+
+    # -- uploads, warnings, servers --------------------------------------------------------------
+
+    @app.route("/rest/v1/upload/", methods=["PUT"], strict_slashes=False)
+    async def upload(self, request: Any) -> bytes:
+        path = query(request).get("path")
+        saved = await self.uploads.save(path, request.content.read())
+        return json_response(request, {"path": saved})
+
+    @app.route("/rest/v1/warnings/", methods=["GET"], strict_slashes=False)
+    def warnings(self, request: Any) -> bytes:
+        return json_response(request, self.queue.notices.take())
+
+    @app.route("/rest/v1/servers/", methods=["GET"], strict_slashes=False)
+    def servers(self, request: Any) -> bytes:
+        return json_response(request, self.bad_servers.all())
+
+    @app.route("/rest/v1/servers/", methods=["DELETE"], strict_slashes=False)
+    def confirm_server(self, request: Any) -> bytes:
+        server_id = query(request).get("id")
+        if not server_id:
+            raise InvalidRequest("id parameter is required")
+        return json_response(request, self.bad_servers.confirm(server_id).status())
+
+    def _statuses(self, request: Any, pairs: list[tuple[model.Job, int]], params: dict[str, str]) -> bytes:
         std, env = flag(params, "std"), flag(params, "env")
-        limit = _limit(params)
         now = time.time()
-        jobs.sort(key=lambda job: job.seq)
-        if limit:
-            body = [job.status(now, std, env, similar) for job, similar in model.grouped(jobs, limit)]
-        else:
-            body = [job.status(now, std, env) for job in jobs]
-        return json_response(request, body)
+        return json_response(request, [job.status(now, std, env, similar) for job, similar in pairs])
 
 
 def _ids(text: str) -> list[str]:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import farmhash
 
@@ -336,13 +336,17 @@ RUN_FIELDS: dict[str, Any] = {
     "actual_cwd": "",
     "home_changed": False,
     "kill_reason": "",
+    "failures": 0,  # failed runs since the job was added or last retried by hand
+    "delay_until": None,  # when a delayed job becomes ready again
+    "memory_floor": 0,  # MB a retry after a RAM failure asks for at least
 }
 
 
 class Job:
     """One job of the queue: its definition, its state, and what its latest run produced."""
 
-    __slots__ = ("key", "spec", "state", "seq", "stdout", "stderr") + tuple(RUN_FIELDS)
+    __slots__ = ("key", "spec", "state", "seq", "stdout", "stderr", "expected_ram", "expected_time",
+                 "stored") + tuple(RUN_FIELDS)
 
     def __init__(self, key: str, spec: dict[str, Any], state: str, seq: int) -> None:
         self.key = key
@@ -351,6 +355,12 @@ class Job:
         self.seq = seq
         self.stdout = ""
         self.stderr = ""
+        # What the scheduler reserves: the requested values, or learned ones (see learning.py).
+        self.expected_ram: int = spec["memory"]
+        self.expected_time: float = spec["time"]
+        # (rep group, state, exit code, fail reason) as last written: the store's counters move
+        # from this to the new values with every write.
+        self.stored: Optional[tuple[str, str, int, str]] = None
         for name, value in RUN_FIELDS.items():
             setattr(self, name, value)
 
@@ -364,7 +374,11 @@ class Job:
 
     @property
     def memory(self) -> int:
-        return self.spec["memory"]
+        return max(self.expected_ram, self.memory_floor)
+
+    @property
+    def group_key(self) -> tuple[str, str, int, str]:
+        return (self.spec["rep_grp"], self.state, self.exitcode, self.fail_reason)
 
     def run_record(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RUN_FIELDS}
@@ -375,10 +389,11 @@ class Job:
                 setattr(self, name, value)
 
     def reset_run(self) -> None:
-        attempts = self.attempts
+        kept = {name: getattr(self, name) for name in ("attempts", "failures", "memory_floor")}
         for name, value in RUN_FIELDS.items():
             setattr(self, name, value)
-        self.attempts = attempts
+        for name, value in kept.items():
+            setattr(self, name, value)
         self.stdout = self.stderr = ""
 
     def walltime(self, now: float) -> float:
@@ -408,8 +423,8 @@ class Job:
             "WithDocker": "",
             "WithSingularity": "",
             "ContainerMounts": spec.get("container_mounts", ""),
-            "ExpectedRAM": spec["memory"],
-            "ExpectedTime": spec["time"],
+            "ExpectedRAM": self.memory,
+            "ExpectedTime": self.expected_time,
             "RequestedDisk": spec.get("disk", 0),
             "Cores": int(cores) if float(cores).is_integer() else cores,
             "PeakRAM": self.peak_ram,

@@ -2,30 +2,43 @@
 
 Rules this module keeps:
 - An add is committed before `add` returns; only then are the jobs visible and runnable.
-- Every state change is written as it happens. The final state of a run is committed before the
-  run's files are removed, so that after a crash either the store or the files tell the outcome.
+- Every state change is written as it happens, with the store's per-rep-group counters moved in
+  the same transaction. The end of a run is committed before the run's files are removed, so that
+  after a crash either the store or the files tell the outcome.
 - Completed jobs leave memory once their state is committed; the store answers for them.
+
+    add ──> ready ──> running ──> complete
+     │        ^  ^       │ └────> buried (no retries left, killed, 126/127) ──retry──> ready
+     └> dependent │      ├──────> delayed (retries left; back-off) ──> ready
+                  │      └──────> lost (vanished without a status) ──confirm──> delayed/buried
+                  └── deps complete
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sqlite3
 import time
+from collections import ChainMap, Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from wmgr.errors import InvalidRequest, NotFound
+from wmgr.errors import Conflict, InvalidRequest
 from wmgr.jobs import model
+from wmgr.jobs.behaviours import behaviours_for, run_behaviours
+from wmgr.jobs.deps import DependencyIndex
+from wmgr.jobs.learning import WINDOW, ResourceLearner, memory_after_ram_failure
+from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job
 from wmgr.jobs.runner import (
-    DEFAULT_OUTPUT_LIMIT,
     JobRun,
     RunFiles,
     RunResult,
@@ -34,6 +47,7 @@ from wmgr.jobs.runner import (
     measure_trees,
     prepare_workspace,
     read_bounded,
+    signal_group,
     spawn_in_session,
 )
 from wmgr.jobs.scheduler import Capacity, Scheduler
@@ -44,24 +58,65 @@ log = Logger()
 # The store's columns for a job row, in the order the queries below use.
 _COLUMNS = "key, spec, state, seq, run, stdout, stderr"
 _CHUNK = 500  # keys per IN (...) query: well under SQLite's parameter limit
+_PRUNE_CHUNK = 5000  # completed jobs removed per transaction when pruning history
+
+# Fields of a queued job that PATCH may change. The command and its cwd make the key: changing
+# them is adding another job.
+MODIFIABLE = ("priority", "retries", "memory", "time", "cpus", "disk", "override", "limit_grps", "env",
+              "rep_grp", "req_grp", "on_failure", "on_success", "on_exit", "change_home")
 
 
-def _row_to_job(row: tuple[Any, ...]) -> Job:
-    key, spec, state, seq, run, stdout, stderr = row
-    job = Job(key, json.loads(spec), state, seq)
-    job.restore_run(json.loads(run))
-    job.stdout, job.stderr = stdout, stderr
-    return job
+@dataclass
+class QueuePolicy:
+    """How the queue treats jobs; every number here is a setting in etc/wmgr.cnf."""
+
+    output_limit: int = 4096
+    kill_grace: float = 5.0
+    # Retry back-off: base * 2^(failures-1), capped, plus up to `retry_jitter` of itself at random.
+    retry_base: float = 30.0
+    retry_cap: float = 1800.0
+    retry_jitter: float = 0.25
+    # Limits: a run over its memory or time by more than the margin is stopped.
+    enforce_limits: bool = True
+    memory_margin: float = 0.10
+    time_margin: float = 0.10
+    # History pruning: completed jobs older than max_age seconds, or beyond the newest max_count,
+    # are removed (0: keep).
+    history_max_age: float = 0.0
+    history_max_count: int = 0
+
+    def backoff(self, failures: int) -> float:
+        delay = min(self.retry_cap, self.retry_base * 2 ** max(0, failures - 1))
+        return delay + random.uniform(0, delay * self.retry_jitter)
 
 
-def _chunks(items: list[Any], size: int = _CHUNK) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+class Notices:
+    """Scheduler warnings for GET /rest/v1/warnings/: one entry per distinct message, with its
+    first and last time and count; reading them removes them (as wr does)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list[Any]] = {}
+
+    def warn(self, message: str) -> None:
+        now = int(time.time())
+        entry = self._entries.get(message)
+        if entry is None:
+            self._entries[message] = [now, now, 1]
+            log.warn("{message}", message=message)
+        else:
+            entry[1] = now
+            entry[2] += 1
+
+    def take(self) -> list[dict[str, Any]]:
+        entries, self._entries = self._entries, {}
+        return [{"Msg": m, "FirstDate": e[0], "LastDate": e[1], "Count": e[2]} for m, e in entries.items()]
 
 
 class AdoptedRun:
     """A job process found alive after a restart. It is not our child, so it cannot be waited
     for: the sampler reports when it has gone, and its status file and output tell the rest."""
+
+    workspace = None
 
     def __init__(self, files: RunFiles, pid: int, started: float, output_limit: int) -> None:
         self.files = files
@@ -71,12 +126,9 @@ class AdoptedRun:
         self.peak_ram = 0
         self.kill_reason = ""
         self.done: Deferred[RunResult] = Deferred()
-        self.workspace = None
 
     def kill(self, reason: str) -> None:
         import signal
-
-        from wmgr.jobs.runner import signal_group
 
         self.kill_reason = self.kill_reason or reason
         signal_group(self.pid, signal.SIGKILL)
@@ -85,50 +137,40 @@ class AdoptedRun:
         if self.done.called:
             return
         exitcode = self.files.exit_status()
-        self.done.callback(
-            RunResult(
-                exitcode=exitcode,
-                signal=None,
-                started=self.started,
-                ended=time.time(),
-                peak_ram=self.peak_ram,
-                stdout=read_bounded(self.files.out, self.output_limit),
-                stderr=read_bounded(self.files.err, self.output_limit),
-                kill_reason=self.kill_reason,
-                lost=exitcode is None and not self.kill_reason,
-            )
-        )
+        self.done.callback(RunResult(
+            exitcode=exitcode, signal=None, started=self.started, ended=time.time(), peak_ram=self.peak_ram,
+            stdout=read_bounded(self.files.out, self.output_limit),
+            stderr=read_bounded(self.files.err, self.output_limit),
+            kill_reason=self.kill_reason, lost=exitcode is None and not self.kill_reason,
+        ))
 
 
 class JobQueue:
     """Live jobs, their transitions, and the local runs that carry them out."""
 
-    def __init__(
-        self,
-        store: Store,
-        run_dir: Path,
-        reactor: Any,
-        capacity: Capacity,
-        output_limit: int = DEFAULT_OUTPUT_LIMIT,
-        kill_grace: float = 5.0,
-        spawn: Callable[..., Any] = spawn_in_session,
-    ) -> None:
+    def __init__(self, store: Store, run_dir: Path, reactor: Any, capacity: Capacity,
+                 policy: Optional[QueuePolicy] = None, spawn: Callable[..., Any] = spawn_in_session) -> None:
         self.store = store
         self.run_dir = Path(run_dir)
         self._reactor = reactor
+        self.policy = policy or QueuePolicy()
         self.scheduler = Scheduler(capacity)
-        self.output_limit = output_limit
-        self.kill_grace = kill_grace
+        self.deps = DependencyIndex()
+        self.limits = LimitGroups()
+        self.learner = ResourceLearner()
+        self.notices = Notices()
         self._spawn = spawn
         self.host, self.host_ip = host_identity()
         self.live: dict[str, Job] = {}
         self.by_rep_grp: dict[str, dict[str, None]] = {}
         self.runs: dict[str, Any] = {}
+        self._delays: dict[str, Any] = {}
         self._adding: dict[str, Deferred[Any]] = {}
         self._seq = 0
         self._schedule_call: Any = None
         self.paused = False  # no new starts; running jobs carry on
-        self.draining = False  # as paused, for a manager on its way down
+        self.draining = False  # no new starts, and the daemon stops once nothing runs
+        self.on_drained: Callable[[], Any] = lambda: None
         self.running = False  # True between start() and stop()
 
     @property
@@ -140,9 +182,23 @@ class JobQueue:
     async def start(self) -> None:
         """Load live jobs, settle what was running when the daemon last stopped, then run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        rows, self._seq = await self.store.read(_load_live)
-        for row in rows:
-            self._index(_row_to_job(row))
+        loaded = await self.store.read(_load)
+        self._seq = loaded["seq"]
+        for name, limit in loaded["limits"]:
+            self.limits.set_limit(name, limit)
+        for req_grp, ram, secs in loaded["samples"]:
+            self.learner.record(req_grp, ram, secs)
+        for row in loaded["rows"]:
+            job = _row_to_job(row)
+            self._learn_expectations(job)
+            self._index(job)
+        now = time.time()
+        for job in list(self.live.values()):
+            if job.state == model.DELAYED:
+                self._delays[job.key] = self._reactor.callLater(
+                    max(0.0, (job.delay_until or now) - now), self._undelay, job.key)
+            elif job.state == model.DEPENDENT and not self.deps.blocked(job, self.live):
+                self._make_ready(job)
         await self._recover()
         self.running = True
         self._reschedule()
@@ -151,24 +207,52 @@ class JobQueue:
         """Stop starting jobs. Running jobs are left running: they write their outcome to their
         files, and the next start adopts them or records what they left."""
         self.running = False
-        if self._schedule_call is not None and self._schedule_call.active():
-            self._schedule_call.cancel()
+        for call in [self._schedule_call, *self._delays.values()]:
+            if call is not None and call.active():
+                call.cancel()
+        self._delays.clear()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = self.draining = False
+        self._reschedule()
+
+    def drain(self) -> None:
+        """Start nothing new; once the running jobs have ended, call on_drained."""
+        self.draining = True
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.draining and not self.runs:
+            self.on_drained()
 
     # -- indexes -------------------------------------------------------------------------------
 
     def _index(self, job: Job) -> None:
         self.live[job.key] = job
         self.by_rep_grp.setdefault(job.rep_grp, {})[job.key] = None
+        self.deps.add(job)
         if job.state == model.READY:
             self.scheduler.push(job)
 
     def _unindex(self, job: Job) -> None:
         self.live.pop(job.key, None)
+        self.deps.remove(job)
         group = self.by_rep_grp.get(job.rep_grp)
         if group is not None:
             group.pop(job.key, None)
             if not group:
                 del self.by_rep_grp[job.rep_grp]
+        call = self._delays.pop(job.key, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _learn_expectations(self, job: Job) -> None:
+        spec = job.spec
+        job.expected_ram, job.expected_time = self.learner.expected(
+            spec["req_grp"], spec["memory"], spec["time"], spec.get("override", 0))
 
     # -- adding --------------------------------------------------------------------------------
 
@@ -176,82 +260,144 @@ class JobQueue:
         """Add jobs; return, in request order, each job now in the queue (a job already queued is
         returned as it is; one that already completed is left out unless rerun)."""
         candidates: dict[str, dict[str, Any]] = {}
+        limits: dict[str, int] = {}
         for spec in specs:
             spec = model.normalise(spec)
-            key = model.job_key(spec)
-            candidates.setdefault(key, spec)
-        for key, spec in candidates.items():
+            if spec.get("limit_grps"):
+                spec["limit_grps"], set_limits = parse_limit_groups(spec["limit_grps"])
+                limits.update(set_limits)
             if spec.get("cloud_script") and not os.path.isfile(os.path.expanduser(spec["cloud_script"])):
                 raise InvalidRequest(f"cloud_script {spec['cloud_script']!r} does not exist on this machine")
+            candidates.setdefault(model.job_key(spec), spec)
 
         # Keys being added by a request still committing count as queued: wait for it to land.
         for key in list(candidates):
             pending = self._adding.get(key)
             if pending is not None:
                 await _quietly(pending)
-        fresh = {key: spec for key, spec in candidates.items() if key not in self.live}
+        new_jobs = []
+        for key, spec in candidates.items():
+            if key not in self.live:
+                self._seq += 1
+                job = Job(key, spec, model.READY, self._seq)
+                self._learn_expectations(job)
+                new_jobs.append(job)
+        if any(job.spec.get("deps") for job in new_jobs):
+            self.deps.check_acyclic([*self.live.values(), *new_jobs])
+            view = ChainMap({job.key: job for job in new_jobs}, self.live)
+            for job in new_jobs:
+                self.deps.add(job)
+            for job in new_jobs:
+                if self.deps.blocked(job, view):
+                    job.state = model.DEPENDENT
+            for job in new_jobs:
+                self.deps.remove(job)
+
         now = time.time()
-        rows = []
-        for key, spec in fresh.items():
-            self._seq += 1
-            rows.append((key, spec["rep_grp"], model.READY, self._seq, json.dumps(spec, separators=(",", ":")), now))
-        committed: Deferred[Any] = self.store.write(lambda conn: _insert_jobs(conn, rows, rerun))
-        for key in fresh:
-            self._adding[key] = committed
+        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, _dumps(job.spec), now, job.spec.get("deps") or ())
+                for job in new_jobs]
+        committed: Deferred[Any] = self.store.write(lambda conn: _insert_jobs(conn, rows, rerun, limits))
+        for job in new_jobs:
+            self._adding[job.key] = committed
         try:
-            added_keys = await committed
+            added_keys = set(await committed)
         finally:
-            for key in fresh:
-                if self._adding.get(key) is committed:
-                    del self._adding[key]
-        seqs = {row[0]: row[3] for row in rows}
-        for key in added_keys:
-            self._index(Job(key, fresh[key], model.READY, seqs[key]))
+            for job in new_jobs:
+                if self._adding.get(job.key) is committed:
+                    del self._adding[job.key]
+        for name, limit in limits.items():
+            self.limits.set_limit(name, limit)
+        added = [job for job in new_jobs if job.key in added_keys]
+        for job in added:
+            job.stored = job.group_key
+            self._index(job)
+        groups = {group for job in added for group in job.spec.get("dep_grps") or ()}
+        if groups:
+            await self._hold_back(groups)
         self._reschedule()
         return [self.live[key] for key in candidates if key in self.live]
+
+    async def _hold_back(self, groups: set[str]) -> None:
+        """New jobs joined these groups: jobs waiting for the groups wait again (live
+        dependencies), and completed ones that waited for them run again, recursively."""
+        changed = []
+        for group in groups:
+            for key in self.deps.waiting.get(group, ()):
+                job = self.live[key]
+                if job.state in (model.READY, model.DELAYED) and self.deps.blocked(job, self.live):
+                    self._cancel_delay(job)
+                    job.state = model.DEPENDENT
+                    changed.append(job)
+        if changed:
+            self._save(changed)
+        rows = await self.store.write(lambda conn: _resurrect(conn, groups))
+        revived = []
+        for row in rows:
+            job = self.live.get(row[0])
+            if job is None:
+                job = _row_to_job(row)
+            else:
+                self._unindex(job)
+            job.reset_run()
+            job.failures = 0
+            job.state = model.DEPENDENT
+            job.stored = job.group_key
+            self._learn_expectations(job)
+            self._index(job)
+            revived.append(job)
+        for job in revived:
+            if not self.deps.blocked(job, self.live):
+                self._make_ready(job, save=False)
+        if revived:
+            log.info("re-running {count} completed jobs whose dependencies gained new jobs", count=len(revived))
+            self._save(revived)
 
     # -- looking up ----------------------------------------------------------------------------
 
     def incomplete(self, state: Optional[str] = None) -> list[Job]:
-        jobs = self.live.values()
         if state is None:
-            return [job for job in jobs if job.state != model.COMPLETE]
-        return [job for job in jobs if matches_state(job, state)]
+            return [job for job in self.live.values() if job.state != model.COMPLETE]
+        return [job for job in self.live.values() if matches_state(job, state)]
 
     async def select(self, ids: list[str], state: Optional[str] = None, search: bool = False) -> list[Job]:
         """Jobs by key or rep group, completed ones included. A 32-hex id is tried as a key
         first, then as a rep group; `state` filters rep-group matches only (as wr does)."""
-        found: dict[str, Job] = {}
+        return [job for job, _ in await self.status_of(ids, state, search, 0)]
+
+    async def status_of(self, ids: list[str], state: Optional[str] = None, search: bool = False,
+                        limit: int = 0) -> list[tuple[Job, int]]:
+        """As select, grouped as wr's limit=N groups (see model.grouped) when limit > 0. With a
+        limit, completed jobs are counted from the store's counters, never scanned."""
         keys = [i for i in ids if model.is_key(i)]
-        history = await self.store.read(lambda conn: _select(conn, keys, [i for i in ids], search))
-        by_key = {job.key: job for job in history}
+        want_history = state in (None, model.COMPLETE)
+        history = await self.store.read(lambda conn: _history(conn, keys, ids, search, limit, want_history))
+        found: dict[str, Job] = {}
         for ident in ids:
             if model.is_key(ident):
-                job = self.live.get(ident) or by_key.get(ident)
-                if job is not None and job.key not in found:
+                job = self.live.get(ident) or history["keys"].get(ident)
+                if job is not None:
                     found[job.key] = job
                     continue
-            for job in self._rep_group_members(ident, history, search):
-                if job.key not in found and (state is None or matches_state(job, state)):
-                    found[job.key] = job
-        return list(found.values())
+            for group in self._matching_groups(ident, search):
+                for key in self.by_rep_grp.get(group, ()):
+                    job = self.live[key]
+                    if state is None or matches_state(job, state):
+                        found.setdefault(key, job)
+        live = list(found.values())
+        if not limit:
+            stored = [job for job in history["jobs"] if job.key not in found]
+            return [(job, 0) for job in live + stored]
+        return _merge_groups(live, history["groups"], found, limit)
 
-    def _rep_group_members(self, name: str, history: list[Job], search: bool) -> list[Job]:
+    def _matching_groups(self, name: str, search: bool) -> list[str]:
         if search:
-            groups = [g for g in self.by_rep_grp if name in g]
-            stored = [job for job in history if name in job.rep_grp]
-        else:
-            groups = [name] if name in self.by_rep_grp else []
-            stored = [job for job in history if job.rep_grp == name]
-        members = [self.live[key] for group in groups for key in self.by_rep_grp[group]]
-        seen = {job.key for job in members}
-        members.extend(job for job in stored if job.key not in seen)
-        return members
+            return [group for group in self.by_rep_grp if name in group]
+        return [name] if name in self.by_rep_grp else []
 
-    # -- cancelling ----------------------------------------------------------------------------
+    # -- acting on jobs ------------------------------------------------------------------------
 
     async def kill(self, jobs: list[Job]) -> list[Job]:
-        """DELETE state=running: kill the process groups; the jobs end buried."""
+        """Kill running jobs' process groups; they end buried ("killed by user request")."""
         affected = []
         for job in jobs:
             run = self.runs.get(job.key)
@@ -261,29 +407,128 @@ class JobQueue:
         return affected
 
     async def confirm_lost(self, jobs: list[Job]) -> list[Job]:
-        """DELETE state=lost: the job is really gone; release it (it becomes buried)."""
-        affected = [job for job in jobs if job.state == model.LOST and job.key in self.live]
+        """Lost jobs really are gone: release them, to be retried or buried as retries allow."""
+        affected = [job for job in jobs if job.state == model.LOST and self.live.get(job.key) is job]
         for job in affected:
-            job.state = model.BURIED
-            job.fail_reason = job.fail_reason or model.FAIL_LOST
+            self._failed(job, model.FAIL_LOST)
         if affected:
-            await self.store.write(lambda conn: _update_jobs(conn, affected))
+            await self._save(affected, strict=True)
+            self._reschedule()
+        return affected
+
+    async def retry(self, jobs: list[Job]) -> list[Job]:
+        """Buried jobs go back to the queue with their retries renewed."""
+        affected = [job for job in jobs if job.state == model.BURIED and self.live.get(job.key) is job]
+        for job in affected:
+            job.failures = 0
+            job.kill_reason = ""
+            self._make_ready(job, save=False)
+        if affected:
+            await self._save(affected, strict=True)
+            self._reschedule()
         return affected
 
     async def delete(self, jobs: list[Job]) -> list[Job]:
-        """DELETE state=deletable: remove jobs that are neither running nor complete."""
-        doomed = [
-            job for job in jobs
-            if job.key in self.live and job.state not in model.ACTIVE_STATES and job.state != model.COMPLETE
-        ]
+        """Remove jobs that are neither running nor complete. A job that others wait for is
+        refused (409, nothing deleted) unless those others are deleted with it."""
+        doomed = {job.key: job for job in jobs
+                  if self.live.get(job.key) is job and job.state not in model.ACTIVE_STATES
+                  and job.state != model.COMPLETE}
         if not doomed:
             return []
-        keys = [job.key for job in doomed]
-        await self.store.write(lambda conn: _delete_jobs(conn, keys))
-        for job in doomed:
+        refused = {}
+        for job in doomed.values():
+            outside = [key for key in self.deps.dependants(job) if key not in doomed]
+            if outside:
+                refused[job.key] = outside
+        if refused:
+            key, waiting = next(iter(refused.items()))
+            raise Conflict(f"job {key} cannot be deleted: {len(waiting)} job(s) depend on it "
+                           f"(e.g. {waiting[0]}); delete them in the same request")
+        items = [(job.key, job.stored) for job in doomed.values()]
+        await self.store.write(lambda conn: _delete_jobs(conn, items))
+        released: set[str] = set()
+        for job in doomed.values():
+            released |= self.deps.dependants(job)
             self._unindex(job)
             job.state = model.DELETED
-        return doomed
+        self._release_waiting(released)
+        return list(doomed.values())
+
+    async def modify(self, jobs: list[Job], changes: dict[str, Any]) -> list[Job]:
+        """PATCH: change properties of queued jobs (not running, not complete)."""
+        unknown = set(changes) - set(MODIFIABLE)
+        if unknown:
+            raise InvalidRequest(f"these properties cannot be modified: {', '.join(sorted(unknown))}")
+        parsed = {name: model.PARSERS[name](value) for name, value in changes.items()}
+        limits: dict[str, int] = {}
+        if "limit_grps" in parsed:
+            parsed["limit_grps"], limits = parse_limit_groups(parsed["limit_grps"])
+        affected = [job for job in jobs if self.live.get(job.key) is job
+                    and job.state not in model.ACTIVE_STATES and job.state != model.COMPLETE]
+        if not affected:
+            return []
+        for job in affected:
+            spec = dict(job.spec)
+            spec.update(parsed)
+            model.normalise(spec)
+            self._unindex(job)
+            job.spec = spec
+            self._learn_expectations(job)
+            self._index(job)
+        for name, limit in limits.items():
+            self.limits.set_limit(name, limit)
+        specs = [(_dumps(job.spec), job.key) for job in affected]
+        await self._save(affected, specs=specs, limits=limits, strict=True)
+        self._reschedule()
+        return affected
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    def _make_ready(self, job: Job, save: bool = True) -> None:
+        """Ready to run, unless something it depends on is not complete yet."""
+        self._cancel_delay(job)
+        if self.deps.blocked(job, self.live):
+            job.state = model.DEPENDENT
+        else:
+            job.state = model.READY
+            self._learn_expectations(job)
+            self.scheduler.push(job)
+            self._reschedule()
+        if save:
+            self._save([job])
+
+    def _failed(self, job: Job, reason: str, permanent: bool = False) -> None:
+        """A run failed: delayed for a retry while retries are left, else buried."""
+        job.failures += 1
+        job.fail_reason = reason
+        if permanent or job.failures > job.spec.get("retries", 0):
+            job.state = model.BURIED
+            return
+        delay = self.policy.backoff(job.failures)
+        job.state = model.DELAYED
+        job.delay_until = time.time() + delay
+        self._delays[job.key] = self._reactor.callLater(delay, self._undelay, job.key)
+
+    def _undelay(self, key: str) -> None:
+        self._delays.pop(key, None)
+        job = self.live.get(key)
+        if job is not None and job.state == model.DELAYED:
+            job.delay_until = None
+            self._make_ready(job)
+
+    def _cancel_delay(self, job: Job) -> None:
+        call = self._delays.pop(job.key, None)
+        if call is not None and call.active():
+            call.cancel()
+        job.delay_until = None
+
+    def _release_waiting(self, keys: Iterable[str]) -> None:
+        """Jobs that were waiting may be free to run now."""
+        for key in keys:
+            job = self.live.get(key)
+            if job is not None and job.state == model.DEPENDENT and not self.deps.blocked(job, self.live):
+                self._make_ready(job)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -296,28 +541,44 @@ class JobQueue:
         self._schedule_call = None
         if self.paused or self.draining or not self.running:
             return
-        for job in self.scheduler.pick(self.live.get, lambda j: j.state == model.READY):
+        for job in self.scheduler.pick(self.live.get, _is_ready, self._limits_permit):
+            self.limits.take(job.spec.get("limit_grps") or ())
             self._start(job)
+
+    def _limits_permit(self, job: Job) -> bool:
+        return self.limits.permits(job.spec.get("limit_grps") or ())
+
+    def _release(self, job: Job) -> None:
+        self.scheduler.release(job)
+        self.limits.release(job.spec.get("limit_grps") or ())
 
     def _start(self, job: Job) -> None:
         if self.scheduler.never_fits(job):
-            self.scheduler.release(job)
-            self._finish_without_run(job, model.FAIL_RESOURCES)
+            self._release(job)
+            cap = self.scheduler.capacity
+            self.notices.warn(f"a job needs {job.cores:g} cores and {job.memory} MB, more than this machine "
+                              f"offers ({cap.cores:g} cores, {cap.memory} MB): it was buried")
+            self._end_without_run(job, model.FAIL_RESOURCES)
             return
         try:
             workspace = prepare_workspace(job.key, job.spec)
         except OSError as e:
-            self.scheduler.release(job)
-            self._finish_without_run(job, model.FAIL_CWD if e.errno == 2 else model.FAIL_START, str(e))
+            self._release(job)
+            self._end_without_run(job, model.FAIL_CWD if e.errno == 2 else model.FAIL_START, str(e))
             return
+        max_time = None
+        if self.policy.enforce_limits and job.expected_time > 0:
+            max_time = job.expected_time * (1 + self.policy.time_margin)
         run = JobRun(self._reactor, RunFiles(self.run_dir, job.key), workspace, job.spec["cmd"],
-                     output_limit=self.output_limit, kill_grace=self.kill_grace, spawn=self._spawn)
+                     output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
+                     spawn=self._spawn, max_time=max_time)
         try:
             run.start()
         except OSError as e:
-            self.scheduler.release(job)
+            self._release(job)
             run.files.remove()
-            self._finish_without_run(job, model.FAIL_START, str(e))
+            self.notices.warn(f"could not start a job's command: {e}")
+            self._end_without_run(job, model.FAIL_START, str(e))
             return
         job.reset_run()
         job.state = model.RUNNING
@@ -327,66 +588,110 @@ class JobQueue:
         job.actual_cwd = workspace.relative_cwd
         job.home_changed = workspace.home_changed
         self.runs[job.key] = run
-        self._write(job)
-        run.done.addCallback(self._run_ended, job, run)
-        run.done.addErrback(lambda f: log.failure("job {key} run failed", f, key=job.key))
+        self._save([job])
+        self._follow(job, run)
 
-    def _finish_without_run(self, job: Job, reason: str, detail: str = "") -> None:
+    def _follow(self, job: Job, run: Any) -> None:
+        run.done.addCallback(lambda result: ensureDeferred(self._run_ended(result, job, run)))
+        run.done.addErrback(lambda f: log.failure("the end of job {key} could not be recorded", f, key=job.key))
+
+    def _end_without_run(self, job: Job, reason: str, detail: str = "") -> None:
         job.state = model.BURIED
         job.fail_reason = reason
         job.stderr = detail
-        self._write(job)
+        self._save([job])
 
-    def _run_ended(self, result: RunResult, job: Job, run: Any) -> Deferred[None]:
+    async def _run_ended(self, result: RunResult, job: Job, run: Any) -> None:
+        succeeded = result.exitcode == 0 and not result.kill_reason and not result.lost
+        behaviours = behaviours_for(job.spec, succeeded)
+        remove = False
+        if behaviours and run.workspace is not None:
+            workspace = run.workspace
+            root = os.path.dirname(workspace.cwd) if workspace.tmp else None
+            outcome = await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root,
+                                           os.path.join(job.spec["cwd"], "wr_cwd"))
+            remove = outcome.remove
         self.runs.pop(job.key, None)
-        self.scheduler.release(job)
-        self._record(job, result)
-        if getattr(run, "workspace", None) is not None and run.workspace.tmp:
+        self._release(job)
+        samples = self._record(job, result)
+        if run.workspace is not None and run.workspace.tmp:
             shutil.rmtree(run.workspace.tmp, ignore_errors=True)
-        d = self.store.write(lambda conn: _update_jobs(conn, [job]))
-        d.addCallback(lambda _: self._settled(job, run))
-        d.addErrback(lambda f: log.failure("could not store the end of job {key}", f, key=job.key))
+        # Only once the end is committed may the files that also record it go (see _recover).
+        await self._save([job], samples=samples, strict=True)
+        run.files.remove()
+        if job.state == model.COMPLETE:
+            released = self.deps.dependants(job)
+            if self.live.get(job.key) is job:
+                self._unindex(job)
+            self._release_waiting(released)
+        elif remove and job.state == model.BURIED:
+            try:
+                await self.delete([job])
+            except Conflict as e:
+                log.info("job {key} was not removed: {why}", key=job.key, why=e.reason)
         self._reschedule()
-        return d
+        self._check_drained()
 
-    def _record(self, job: Job, result: RunResult) -> None:
-        """Turn what a run left into the job's state and wr's fail reasons."""
+    def _record(self, job: Job, result: RunResult) -> list[tuple[str, int, float]]:
+        """Turn what a run left into the job's state and wr's fail reasons; return what
+        resource learning should keep."""
         job.ended = result.ended
         job.cpu_time = round(result.cpu_time, 6)
         job.peak_ram = max(job.peak_ram, result.peak_ram)
         job.stdout, job.stderr = result.stdout, result.stderr
         job.exited = result.exitcode is not None
         job.exitcode = result.exitcode if result.exitcode is not None else -1
-        if result.kill_reason:
-            job.state, job.fail_reason = model.BURIED, result.kill_reason
+        job.kill_reason = result.kill_reason
+        walltime = job.walltime(result.ended)
+        if result.kill_reason == model.FAIL_KILLED:
+            self._failed(job, model.FAIL_KILLED, permanent=True)
+        elif result.kill_reason in (model.FAIL_RAM, model.FAIL_TIME):
+            if result.kill_reason == model.FAIL_RAM and job.spec.get("override", 0) != 2:
+                job.memory_floor = memory_after_ram_failure(job.peak_ram, job.memory)
+            self._failed(job, result.kill_reason)
+            return [(job.spec["req_grp"], job.peak_ram, walltime)]
         elif result.lost:
             job.state, job.fail_reason = model.LOST, model.FAIL_LOST
         elif result.exitcode == 0:
             job.state, job.fail_reason = model.COMPLETE, ""
+            self.learner.record(job.spec["req_grp"], job.peak_ram, walltime)
+            return [(job.spec["req_grp"], job.peak_ram, walltime)]
         elif result.exitcode is None:
-            job.state, job.fail_reason = model.BURIED, model.FAIL_SIGNAL
+            self._failed(job, model.FAIL_SIGNAL)
         elif result.exitcode == 126:
-            job.state, job.fail_reason = model.BURIED, model.FAIL_PERMISSION
+            self._failed(job, model.FAIL_PERMISSION, permanent=True)
         elif result.exitcode == 127:
-            job.state, job.fail_reason = model.BURIED, model.FAIL_NOT_FOUND
+            self._failed(job, model.FAIL_NOT_FOUND, permanent=True)
         else:
-            job.state, job.fail_reason = model.BURIED, model.FAIL_NONZERO
+            self._failed(job, model.FAIL_NONZERO)
+        return []
 
-    def _settled(self, job: Job, run: Any) -> None:
-        """The end of a run is committed: its files may go, and a completed job leaves memory."""
-        run.files.remove()
-        if job.state == model.COMPLETE and self.live.get(job.key) is job:
-            self._unindex(job)
+    def _save(self, jobs: list[Job], samples: Iterable[tuple[str, int, float]] = (),
+              specs: Iterable[tuple[str, str]] = (), limits: Optional[dict[str, int]] = None,
+              strict: bool = False) -> Deferred[None]:
+        """Write the jobs' current state (and counters) now, in order with every other write.
+        The Deferred fires once committed. A failure is logged and surfaced as a warning; with
+        `strict` it is also passed on, for callers that must not go on as if it were stored."""
+        changes = []
+        for job in jobs:
+            new = job.group_key
+            changes.append((new, job.stored, _dumps(job.run_record()), job.stdout, job.stderr, job.key))
+            job.stored = new
+        samples, specs = list(samples), list(specs)
+        d = self.store.write(lambda conn: _apply(conn, changes, samples, specs, limits or {}))
+        d.addErrback(self._write_failed, strict)
+        return d
 
-    def _write(self, job: Job) -> None:
-        d = self.store.write(lambda conn: _update_jobs(conn, [job]))
-        d.addErrback(lambda f: log.failure("could not store job {key}", f, key=job.key))
+    def _write_failed(self, failure: Any, strict: bool) -> Any:
+        log.failure("could not write job changes to the store", failure)
+        self.notices.warn(f"could not write job changes to the store: {failure.getErrorMessage()}")
+        return failure if strict else None
 
     # -- sampling ------------------------------------------------------------------------------
 
     async def sample(self) -> None:
-        """Measure the memory of every running job's process tree (in a thread), and notice
-        adopted processes that have gone."""
+        """Measure the memory of every running job's process tree (in a thread), stop runs over
+        their memory limit, and notice adopted processes that have gone."""
         runs = dict(self.runs)
         if not runs:
             return
@@ -399,8 +704,33 @@ class JobQueue:
                     run.gone()
                 continue
             run.peak_ram = max(run.peak_ram, size)
-            if job is not None:
-                job.peak_ram = max(job.peak_ram, size)
+            if job is None:
+                continue
+            job.peak_ram = max(job.peak_ram, size)
+            if self.policy.enforce_limits and size > job.memory * (1 + self.policy.memory_margin):
+                log.info("job {key} uses {size} MB, over its {memory} MB: stopping it",
+                         key=key, size=size, memory=job.memory)
+                run.kill(model.FAIL_RAM)
+
+    # -- history -------------------------------------------------------------------------------
+
+    async def prune(self) -> int:
+        """Remove completed jobs past the configured age or count, a chunk per transaction so
+        that other writes keep flowing; return how many went."""
+        policy = self.policy
+        if not policy.history_max_age and not policy.history_max_count:
+            return 0
+        cutoff = time.time() - policy.history_max_age if policy.history_max_age else None
+        total = 0
+        while True:
+            removed = await self.store.write(
+                lambda conn: _prune(conn, cutoff, policy.history_max_count, _PRUNE_CHUNK))
+            total += removed
+            if removed < _PRUNE_CHUNK:
+                break
+        if total:
+            log.info("pruned {count} completed jobs from the history", count=total)
+        return total
 
     # -- recovery after a restart --------------------------------------------------------------
 
@@ -416,28 +746,33 @@ class JobQueue:
         for key in sorted(with_files | started):
             job = self.live.get(key)
             files = RunFiles(self.run_dir, key)
-            if job is None or job.state in (model.COMPLETE, model.BURIED, model.LOST) and key not in alive:
-                files.remove()  # a run whose end was committed before the files were removed
+            if job is None or (job.state in (model.COMPLETE, model.BURIED, model.LOST) and key not in alive):
+                files.remove()  # a run whose end was committed before its files were removed
                 continue
             if key not in with_files:
                 job.state, job.fail_reason = model.LOST, model.FAIL_LOST
-                self._write(job)
+                self._save([job])
                 continue
-            if job.state == model.READY:
+            if job.state not in model.ACTIVE_STATES:
                 # Started, but the daemon died before "running" was stored: it did run.
                 job.attempts += 1
+            self._cancel_delay(job)
             self.scheduler.take(job)
-            started_at = job.started or time.time()
-            run = AdoptedRun(files, alive.get(key, 0), started_at, self.output_limit)
+            self.limits.take(job.spec.get("limit_grps") or ())
+            run = AdoptedRun(files, alive.get(key, 0), job.started or time.time(), self.policy.output_limit)
             job.state = model.RUNNING
             self.runs[key] = run
-            run.done.addCallback(self._run_ended, job, run)
+            self._follow(job, run)
             if key in alive:
                 job.pid = alive[key]
                 log.info("adopted job {key} (pid {pid}) left running by an earlier daemon", key=key, pid=job.pid)
-                self._write(job)
+                self._save([job])
             else:
                 run.gone()
+
+
+def _is_ready(job: Job) -> bool:
+    return job.state == model.READY
 
 
 def matches_state(job: Job, state: str) -> bool:
@@ -448,70 +783,237 @@ def matches_state(job: Job, state: str) -> bool:
     return job.state == state
 
 
+def _merge_groups(live: list[Job], stored_groups: list[tuple[tuple[str, int, str], int, list[Job]]],
+                  seen: dict[str, Job], limit: int) -> list[tuple[Job, int]]:
+    """wr's limit grouping over live jobs and the store's counted groups of completed ones."""
+    groups: dict[tuple[str, int, str], list[Any]] = {}
+    for job, similar in model.grouped(live, limit):
+        entry = groups.setdefault((job.state, job.exitcode, job.fail_reason), [[], 0])
+        entry[0].append(job)
+        entry[1] += similar
+    for group_key, count, examples in stored_groups:
+        entry = groups.setdefault(group_key, [[], 0])
+        fresh = [job for job in examples if job.key not in seen]
+        room = max(0, limit - len(entry[0]))
+        entry[0].extend(fresh[:room])
+        entry[1] += count - len(examples) + max(0, len(fresh) - room)
+    result: list[tuple[Job, int]] = []
+    for kept, hidden in groups.values():
+        if kept:
+            result.extend((job, 0) for job in kept[:-1])
+            result.append((kept[-1], hidden))
+    return result
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 async def _quietly(d: Deferred[Any]) -> None:
     waiter: Deferred[Any] = Deferred()
     d.addBoth(lambda result: (waiter.callback(None), result)[1])
     await waiter
 
 
+def _row_to_job(row: tuple[Any, ...]) -> Job:
+    key, spec, state, seq, run, stdout, stderr = row
+    job = Job(key, json.loads(spec), state, seq)
+    job.restore_run(json.loads(run))
+    job.stdout, job.stderr = stdout, stderr
+    job.stored = job.group_key
+    return job
+
+
+def _chunks(items: list[Any], size: int = _CHUNK) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _marks(items: list[Any]) -> str:
+    return ",".join("?" * len(items))
+
+
 # -- store operations (these run in the store's threads) -------------------------------------------
 
 
-def _load_live(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], int]:
-    rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM jobs WHERE state != ? ORDER BY seq", (model.COMPLETE,)
+def _load(conn: sqlite3.Connection) -> dict[str, Any]:
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state != ? ORDER BY seq", (model.COMPLETE,)).fetchall()
+    (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
+    samples = conn.execute(
+        "SELECT req_grp, ram, secs FROM (SELECT req_grp, ram, secs, id, ROW_NUMBER() OVER "
+        "(PARTITION BY req_grp ORDER BY id DESC) AS n FROM req_samples) WHERE n <= ? ORDER BY id", (WINDOW,)
     ).fetchall()
-    (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
-    return rows, top
+    limits = conn.execute("SELECT name, lim FROM limit_groups").fetchall()
+    return {"rows": rows, "seq": seq, "samples": samples, "limits": limits}
 
 
-def _insert_jobs(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], rerun: bool) -> list[str]:
+def _count(conn: sqlite3.Connection, deltas: Counter) -> None:
+    """Move the per-rep-group counters by the given deltas."""
+    rows = [(*group, n, n) for group, n in deltas.items() if n]
+    if rows:
+        conn.executemany(
+            "INSERT INTO rep_grp_states (rep_grp, state, exitcode, fail_reason, n) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (rep_grp, state, exitcode, fail_reason) DO UPDATE SET n = n + ?", rows)
+        conn.execute("DELETE FROM rep_grp_states WHERE n <= 0")
+
+
+def _insert_jobs(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], rerun: bool,
+                 limits: dict[str, int]) -> list[str]:
     """Insert new jobs; a key already stored is a completed job (live ones were filtered out):
     left alone, or re-queued with rerun. Returns the keys now queued."""
+    existing: dict[str, tuple[str, str, int, str]] = {}
     keys = [row[0] for row in rows]
-    existing: set[str] = set()
     for chunk in _chunks(keys):
-        marks = ",".join("?" * len(chunk))
-        existing.update(k for (k,) in conn.execute(f"SELECT key FROM jobs WHERE key IN ({marks})", chunk))
-    conn.executemany(
-        "INSERT INTO jobs (key, rep_grp, state, seq, spec, updated) VALUES (?, ?, ?, ?, ?, ?)",
-        [row for row in rows if row[0] not in existing],
-    )
+        for key, *group in conn.execute(
+                f"SELECT key, rep_grp, state, exitcode, fail_reason FROM jobs WHERE key IN ({_marks(chunk)})", chunk):
+            existing[key] = tuple(group)  # type: ignore[assignment]
+    deltas: Counter = Counter()
+    fresh = [row for row in rows if row[0] not in existing]
+    conn.executemany("INSERT INTO jobs (key, rep_grp, state, seq, spec, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                     [row[:6] for row in fresh])
+    for row in fresh:
+        deltas[(row[1], row[2], 0, "")] += 1
+    queued = [row[0] for row in fresh]
     if rerun and existing:
+        again = [row for row in rows if row[0] in existing]
         conn.executemany(
-            "UPDATE jobs SET rep_grp = ?, state = ?, seq = ?, spec = ?, run = '{}', stdout = '', "
-            "stderr = '', updated = ? WHERE key = ?",
-            [row[1:] + (row[0],) for row in rows if row[0] in existing],
-        )
-        return keys
-    return [key for key in keys if key not in existing]
+            "UPDATE jobs SET rep_grp = ?, state = ?, seq = ?, spec = ?, run = '{}', stdout = '', stderr = '', "
+            "exitcode = 0, fail_reason = '', updated = ? WHERE key = ?",
+            [(row[1], row[2], row[3], row[4], row[5], row[0]) for row in again])
+        for row in again:
+            deltas[existing[row[0]]] -= 1
+            deltas[(row[1], row[2], 0, "")] += 1
+        conn.executemany("DELETE FROM job_deps WHERE key = ?", [(row[0],) for row in again])
+        fresh = fresh + again
+        queued += [row[0] for row in again]
+    conn.executemany("INSERT OR IGNORE INTO job_deps (dep_grp, key) VALUES (?, ?)",
+                     [(group, row[0]) for row in fresh for group in row[6]])
+    conn.executemany("INSERT INTO limit_groups (name, lim) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET lim = ?",
+                     [(name, limit, limit) for name, limit in limits.items()])
+    _count(conn, deltas)
+    return queued
 
 
-def _update_jobs(conn: sqlite3.Connection, jobs: list[Job]) -> None:
+def _apply(conn: sqlite3.Connection, changes: list[tuple[Any, ...]], samples: list[tuple[str, int, float]],
+           specs: list[tuple[str, str]], limits: dict[str, int]) -> None:
     now = time.time()
+    if specs:
+        conn.executemany("UPDATE jobs SET spec = ? WHERE key = ?", specs)
     conn.executemany(
-        "UPDATE jobs SET state = ?, run = ?, stdout = ?, stderr = ?, updated = ? WHERE key = ?",
-        [
-            (job.state, json.dumps(job.run_record(), separators=(",", ":")), job.stdout, job.stderr, now, job.key)
-            for job in jobs
-        ],
-    )
+        "UPDATE jobs SET rep_grp = ?, state = ?, exitcode = ?, fail_reason = ?, run = ?, stdout = ?, stderr = ?, "
+        "updated = ? WHERE key = ?",
+        [(*new, run, stdout, stderr, now, key) for new, _, run, stdout, stderr, key in changes])
+    deltas: Counter = Counter()
+    for new, old, *_ in changes:
+        if new != old:
+            deltas[new] += 1
+            if old is not None:
+                deltas[old] -= 1
+    _count(conn, deltas)
+    if samples:
+        conn.executemany("INSERT INTO req_samples (req_grp, ram, secs) VALUES (?, ?, ?)", samples)
+    if limits:
+        conn.executemany("INSERT INTO limit_groups (name, lim) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET lim = ?",
+                         [(name, limit, limit) for name, limit in limits.items()])
 
 
-def _delete_jobs(conn: sqlite3.Connection, keys: list[str]) -> None:
+def _delete_jobs(conn: sqlite3.Connection, items: list[tuple[str, Any]]) -> None:
+    keys = [key for key, _ in items]
     for chunk in _chunks(keys):
-        conn.execute(f"DELETE FROM jobs WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+        conn.execute(f"DELETE FROM jobs WHERE key IN ({_marks(chunk)})", chunk)
+        conn.execute(f"DELETE FROM job_deps WHERE key IN ({_marks(chunk)})", chunk)
+    _count(conn, _tally(items))
 
 
-def _select(conn: sqlite3.Connection, keys: list[str], groups: list[str], search: bool) -> list[Job]:
-    """Stored jobs by key and by rep group (exact, or containing the text when searching)."""
-    rows: list[tuple[Any, ...]] = []
+def _tally(items: list[tuple[str, Any]]) -> Counter:
+    deltas: Counter = Counter()
+    for _, group in items:
+        if group is not None:
+            deltas[group] -= 1
+    return deltas
+
+
+def _resurrect(conn: sqlite3.Connection, groups: set[str]) -> list[tuple[Any, ...]]:
+    """Completed jobs waiting for these groups become dependent again, and recursively those
+    waiting for the groups they belong to. Returns their rows."""
+    revived: list[tuple[Any, ...]] = []
+    seen: set[str] = set()
+    frontier = set(groups)
+    while frontier:
+        seen |= frontier
+        batch = sorted(frontier)
+        frontier = set()
+        keys = [key for (key,) in conn.execute(
+            f"SELECT DISTINCT key FROM job_deps WHERE dep_grp IN ({_marks(batch)})", batch)]
+        for chunk in _chunks(keys):
+            rows = conn.execute(
+                f"SELECT {_COLUMNS}, rep_grp, exitcode, fail_reason FROM jobs WHERE state = ? AND key IN ({_marks(chunk)})",
+                [model.COMPLETE, *chunk]).fetchall()
+            deltas: Counter = Counter()
+            for row in rows:
+                conn.execute("UPDATE jobs SET state = ?, exitcode = 0, fail_reason = '' WHERE key = ?",
+                             (model.DEPENDENT, row[0]))
+                deltas[(row[7], model.COMPLETE, row[8], row[9])] -= 1
+                deltas[(row[7], model.DEPENDENT, 0, "")] += 1
+                revived.append(row[:7])
+                frontier |= set(json.loads(row[1]).get("dep_grps") or ()) - seen
+            _count(conn, deltas)
+    return revived
+
+
+def _history(conn: sqlite3.Connection, keys: list[str], groups: list[str], search: bool, limit: int,
+             want_groups: bool) -> dict[str, Any]:
+    """Stored jobs by key, and completed jobs of rep groups (exact, or containing the text when
+    searching): all of them, or with a limit only the counts and a few examples per group."""
+    by_key: dict[str, Job] = {}
     for chunk in _chunks(keys):
-        rows += conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-    for group in groups:
-        if search:
-            pattern = "%" + group.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            rows += conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE rep_grp LIKE ? ESCAPE '\\'", (pattern,)).fetchall()
-        else:
-            rows += conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE rep_grp = ?", (group,)).fetchall()
-    return [_row_to_job(row) for row in rows]
+        for row in conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE key IN ({_marks(chunk)})", chunk):
+            by_key[row[0]] = _row_to_job(row)
+    names: list[str] = []
+    if want_groups:
+        for group in groups:
+            if search:
+                pattern = "%" + group.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                names += [n for (n,) in conn.execute(
+                    "SELECT DISTINCT rep_grp FROM rep_grp_states WHERE state = ? AND rep_grp LIKE ? ESCAPE '\\'",
+                    (model.COMPLETE, pattern))]
+            else:
+                names.append(group)
+    jobs: list[Job] = []
+    counted: list[tuple[tuple[str, int, str], int, list[Job]]] = []
+    for name in dict.fromkeys(names):
+        if not limit:
+            jobs += [_row_to_job(row) for row in conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE rep_grp = ? AND state = ? ORDER BY seq", (name, model.COMPLETE))]
+            continue
+        for exitcode, fail_reason, n in conn.execute(
+                "SELECT exitcode, fail_reason, n FROM rep_grp_states WHERE rep_grp = ? AND state = ?",
+                (name, model.COMPLETE)).fetchall():
+            examples = [_row_to_job(row) for row in conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE rep_grp = ? AND state = ? AND exitcode = ? AND fail_reason = ? "
+                "ORDER BY seq LIMIT ?", (name, model.COMPLETE, exitcode, fail_reason, limit))]
+            counted.append(((model.COMPLETE, exitcode, fail_reason), n, examples))
+    return {"keys": by_key, "jobs": jobs, "groups": counted}
+
+
+def _prune(conn: sqlite3.Connection, cutoff: Optional[float], keep: int, chunk: int) -> int:
+    """Remove up to `chunk` completed jobs older than cutoff or beyond the newest `keep`."""
+    clauses, params = [], []
+    if cutoff is not None:
+        clauses.append("updated < ?")
+        params.append(cutoff)
+    if keep:
+        row = conn.execute("SELECT updated FROM jobs WHERE state = ? ORDER BY updated DESC LIMIT 1 OFFSET ?",
+                           (model.COMPLETE, keep - 1)).fetchone()
+        if row is not None:
+            clauses.append("updated < ?")
+            params.append(row[0])
+    if not clauses:
+        return 0
+    rows = conn.execute(
+        f"SELECT key, rep_grp, exitcode, fail_reason FROM jobs WHERE state = ? AND ({' OR '.join(clauses)}) "
+        "ORDER BY updated LIMIT ?", [model.COMPLETE, *params, chunk]).fetchall()
+    if not rows:
+        return 0
+    _delete_jobs(conn, [(key, (rep_grp, model.COMPLETE, exitcode, fail_reason)) for key, rep_grp, exitcode, fail_reason in rows])
+    return len(rows)

@@ -29,6 +29,9 @@ from twisted.python.failure import Failure
 
 log = Logger()
 
+# The fail reason given when a run goes past its time limit (wr's wording).
+FAIL_TIME = "command used too much time"
+
 # The wrapper runs the command in the same shell (one exec per job, which matters for throughput)
 # and records the status with an EXIT trap, which runs on a normal end and on `exit N` alike. A
 # job killed by a signal leaves no status file: its absence means "did not finish by itself".
@@ -226,8 +229,15 @@ class JobRun:
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
         kill_grace: float = 5.0,
         spawn: Callable[..., Any] = spawn_in_session,
+        clock: Any = None,
+        max_time: Optional[float] = None,
     ) -> None:
         self._reactor = reactor
+        # Timers run on their own clock so that tests can drive them with task.Clock while the
+        # process itself is real.
+        self._clock = clock if clock is not None else reactor
+        self.max_time = max_time
+        self._time_call: Any = None
         self.files = files
         self.workspace = workspace
         self.cmd = cmd
@@ -253,6 +263,8 @@ class JobRun:
             )
         self.pid = transport.pid
         self.started = time.time()
+        if self.max_time is not None:
+            self._time_call = self._clock.callLater(self.max_time, self.kill, FAIL_TIME)
         return self.pid
 
     def kill(self, reason: str) -> None:
@@ -262,14 +274,15 @@ class JobRun:
         self.kill_reason = self.kill_reason or reason
         signal_group(self.pid, signal.SIGTERM)
         if self._kill_call is None:
-            self._kill_call = self._reactor.callLater(self.kill_grace, signal_group, self.pid, signal.SIGKILL)
+            self._kill_call = self._clock.callLater(self.kill_grace, signal_group, self.pid, signal.SIGKILL)
 
     def _process_ended(self, reason: Failure, rusage: Any) -> None:
         if self._finished:
             return
         self._finished = True
-        if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.cancel()
+        for call in (self._kill_call, self._time_call):
+            if call is not None and call.active():
+                call.cancel()
         exitcode = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         if isinstance(reason.value, error.ProcessDone):

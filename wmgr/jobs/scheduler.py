@@ -1,7 +1,8 @@
 """Which ready jobs start now: declared cores and memory packed against the machine's capacity.
 
-Ready jobs are kept in groups of one shape (priority, cores, memory), each a FIFO heap by the
-order jobs were added. A pass visits the groups by priority, then by size (larger first: they are
+Ready jobs are kept in groups of one shape (priority, cores, memory, limit groups), each a FIFO
+heap by the order jobs were added. Limit groups are part of the shape so that when the first job
+of a group is held back by a limit, the whole group is, and the pass moves on. A pass visits the groups by priority, then by size (larger first: they are
 the hardest to place later), then by age, and starts from each as many jobs as fit. Work per pass
 is proportional to the number of shapes and jobs started, not to the number of jobs waiting.
 """
@@ -35,7 +36,7 @@ class Capacity:
         return cls(cores=cores, memory=memory, zero_core_slots=slots)
 
 
-Shape = tuple[int, float, int]  # priority, cores, memory
+Shape = tuple[int, float, int, tuple[str, ...]]  # priority, cores, memory, limit groups
 
 
 class Scheduler:
@@ -52,7 +53,7 @@ class Scheduler:
 
     @staticmethod
     def shape(job: Job) -> Shape:
-        return (job.spec.get("priority", 0), job.spec["cpus"], job.spec["memory"])
+        return (job.spec.get("priority", 0), job.spec["cpus"], job.memory, tuple(job.spec.get("limit_grps") or ()))
 
     def push(self, job: Job) -> None:
         heapq.heappush(self._groups.setdefault(self.shape(job), []), (job.seq, job.key))
@@ -81,9 +82,11 @@ class Scheduler:
         else:
             self.used_cores -= job.cores
 
-    def pick(self, lookup: Callable[[str], Optional[Job]], is_ready: Callable[[Job], bool]) -> Iterator[Job]:
+    def pick(self, lookup: Callable[[str], Optional[Job]], is_ready: Callable[[Job], bool],
+             permits: Callable[[Job], bool] = lambda job: True) -> Iterator[Job]:
         """Yield ready jobs that fit, taking their resources. `lookup` and `is_ready` let stale
-        entries (jobs deleted or changed since they were pushed) be dropped as they are met."""
+        entries (jobs deleted or changed since they were pushed) be dropped as they are met;
+        `permits` says whether the job's limit groups let it start now."""
         order = sorted(
             (shape for shape, heap in self._groups.items() if heap),
             key=lambda s: (-s[0], -max(s[1] / max(self.capacity.cores, 1e-9), s[2] / max(self.capacity.memory, 1)),
@@ -97,7 +100,9 @@ class Scheduler:
                 if job is None or job.seq != seq or not is_ready(job) or self.shape(job) != shape:
                     heapq.heappop(heap)
                     continue
-                if not self.fits(job):
+                # A job that can never fit is handed out all the same, so that the caller can
+                # bury it ("resource requirements cannot be met") instead of it waiting forever.
+                if not self.never_fits(job) and (not self.fits(job) or not permits(job)):
                     break
                 heapq.heappop(heap)
                 self.take(job)
