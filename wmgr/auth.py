@@ -25,15 +25,13 @@ def ensure_token(directory: Path) -> str:
 
 
 def presented_token(authorization: Optional[bytes], query_token: Optional[bytes]) -> Optional[bytes]:
-    """The token a request carries: the `token` query parameter, else `Authorization: Bearer`
-    (the scheme word in any case, as pfurl sends `bearer`)."""
-    if query_token:
-        return query_token
+    """The token a request carries: `Authorization: Bearer` (the scheme word in any case, as pfurl
+    sends `bearer`), else the `token` query parameter."""
     if authorization:
         scheme, _, value = authorization.strip().partition(b" ")
         if scheme.lower() == b"bearer" and value.strip():
             return value.strip()
-    return None
+    return query_token or None
 
 
 def token_matches(expected: str, presented: Optional[bytes]) -> bool:

@@ -98,6 +98,8 @@ class Config:
                 parser.read_file(f)
         except OSError as e:
             raise InvalidRequest(f"cannot read the configuration file {path}: {e.strerror}") from None
+        except configparser.Error as e:
+            raise InvalidRequest(f"{path}: {e}") from None
         known = {f.metadata["ini"][:2]: f for f in fields(self)}
         for section in parser.sections():
             for option, text in parser.items(section):
@@ -108,6 +110,8 @@ class Config:
                     setattr(self, spec.name, spec.metadata["ini"][2](text))
                 except ValueError as e:
                     raise InvalidRequest(f"{path}: [{section}] {option} = {text!r}: {e}") from None
+                except InvalidRequest as e:
+                    raise InvalidRequest(f"{path}: [{section}] {option}: {e.reason}") from None
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional
 from zope.interface import implementer
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -179,7 +180,7 @@ class ServerTLS:
         if cert_path.exists() and key_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            if cert.issuer != self.ca.cert.subject or needs_renewal(cert, self.names, now):
+            if not self._issued_here(cert, key) or needs_renewal(cert, self.names, now):
                 cert = None
         if cert is None:
             cert, key = issue_server_cert(self.ca, self.names, now)
@@ -196,6 +197,15 @@ class ServerTLS:
                 extraCertChain=[crypto.X509.from_cryptography(self.ca.cert)],
             )
         return made
+
+    def _issued_here(self, cert: x509.Certificate, key: Any) -> bool:
+        """Signed by this CA (not merely by one of the same name, as a remade CA would be) and
+        matching its key file."""
+        try:
+            cert.verify_directly_issued_by(self.ca.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return cert.public_key() == key.public_key()
 
     def renew_if_due(self) -> None:
         """The periodic check; it must never raise into its timer."""

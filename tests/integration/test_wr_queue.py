@@ -362,3 +362,23 @@ async def test_history_is_pruned_and_counters_group_completed_jobs(make_daemon, 
 async def _all_complete_at_most(client, ids, n):
     jobs = await client.jobs(ids)
     return len(jobs) == n and all(job["State"] == "complete" for job in jobs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_learned_resources_per_req_grp_and_override(make_daemon, reactor):
+    daemon = await make_daemon(config=FAST)
+    async with daemon.client(reactor) as client:
+        await client.add_jobs([{"cmd": f"sleep 0.{n} && true learn {n}", "req_grp": "learn"} for n in range(1, 4)],
+                              rep_grp="teach", memory="4G", time="2h")
+        await until(reactor, lambda: _all_complete(client, "teach", 3))
+        await client.post("rest/v1/manager/pause")
+        jobs = await client.add_jobs([
+            {"cmd": "true learned 0", "override": 0},
+            {"cmd": "true learned 1", "override": 1},
+            {"cmd": "true learned 2", "override": 2},
+        ], req_grp="learn", rep_grp="learned", memory="2G", time="1h")
+        by_override = {job["Cmd"][-1]: job for job in jobs}
+        # Learned: the 95th percentile of the runs, rounded up to 100 MB and to the second.
+        assert by_override["0"]["ExpectedRAM"] == 100 and by_override["0"]["ExpectedTime"] == 1
+        assert by_override["1"]["ExpectedRAM"] == 2048 and by_override["1"]["ExpectedTime"] == 3600
+        assert by_override["2"]["ExpectedRAM"] == 2048 and by_override["2"]["ExpectedTime"] == 3600

@@ -81,6 +81,49 @@ WR_PATHS: dict[str, Any] = {
     },
 }
 
+_INFO_REPLY = reply("server information; Mode says started, paused or draining", _ref("ServerInfo"))
+_JOBS_ONLY = reply("the jobs affected", {"type": "array", "items": _ref("JobStatus")})
+
+WR_PATHS.update({
+    "/rest/v1/jobs/{ids}/retry": {"post": {
+        "summary": "put buried jobs back in the queue with their retries renewed (beyond wr's REST)",
+        "parameters": [_IDS, query_param("search", "match rep groups by substring", {"type": "boolean"})],
+        "responses": {"200": _JOBS_ONLY, "400": ERROR, "401": ERROR}}},
+    "/rest/v1/manager/{action}": {"post": {
+        "summary": "pause (start nothing new), resume, or drain (start nothing new and stop the daemon once "
+                   "running jobs end) the manager (beyond wr's REST)",
+        "parameters": [{"name": "action", "in": "path", "required": True,
+                        "schema": {"type": "string", "enum": ["pause", "resume", "drain"]}}],
+        "responses": {"200": _INFO_REPLY, "401": ERROR, "404": ERROR}}},
+    "/rest/v1/upload/": {"put": {
+        "summary": "store the body as a file on the manager's machine",
+        "parameters": [query_param("path", "where: ~/... under the daemon user's home, or an absolute path inside "
+                                           "the configured upload roots; none: DATA_DIR/uploads by MD5")],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {
+            "type": "string", "format": "binary"}}}},
+        "responses": {"200": reply("where the file was stored", {"type": "object", "properties": {
+            "path": {"type": "string"}}}), "400": ERROR, "401": ERROR}}},
+    "/rest/v1/warnings/": {"get": {
+        "summary": "scheduler warnings; reading them removes them",
+        "responses": {"200": reply("warnings", {"type": "array", "items": _ref("Warning")}), "401": ERROR}}},
+    "/rest/v1/servers/": {
+        "get": {"summary": "hosts that stopped answering (workers that went silent)",
+                "responses": {"200": reply("bad servers", {"type": "array", "items": _ref("BadServer")}),
+                              "401": ERROR}},
+        "delete": {"summary": "confirm that a bad server is dead",
+                   "parameters": [query_param("id", "the server's ID", required=True)],
+                   "responses": {"200": reply("the server confirmed", _ref("BadServer")), "400": ERROR,
+                                 "401": ERROR, "404": ERROR}},
+    },
+})
+WR_PATHS["/rest/v1/jobs/{ids}"]["patch"] = {
+    "summary": "change properties of queued jobs: priority, retries, memory, time, cpus, disk, override, "
+               "limit_grps, env, rep_grp, req_grp, behaviours, change_home (beyond wr's REST)",
+    "parameters": [_IDS, query_param("search", "match rep groups by substring", {"type": "boolean"})],
+    "requestBody": {"required": True, "content": json_content(_ref("JobDefinition"))},
+    "responses": {"200": _JOBS_ONLY, "400": ERROR, "401": ERROR},
+}
+
 ROOT_PATHS: dict[str, Any] = {
     "/openapi.json": {"get": {"summary": "this document",
                               "responses": {"200": reply("the OpenAPI document", {"type": "object"})}}},
@@ -90,6 +133,12 @@ _STRINGS = {"type": "array", "items": {"type": "string"}, "nullable": True}
 _BEHAVIOURS = {"type": "array", "items": {"type": "object"}}
 
 SCHEMAS: dict[str, Any] = {
+    "Warning": {"type": "object", "properties": {
+        "Msg": {"type": "string"}, "FirstDate": {"type": "integer"}, "LastDate": {"type": "integer"},
+        "Count": {"type": "integer"}}},
+    "BadServer": {"type": "object", "properties": {
+        "ID": {"type": "string"}, "Name": {"type": "string"}, "IP": {"type": "string"},
+        "Date": {"type": "integer"}, "IsBad": {"type": "boolean"}, "Problem": {"type": "string"}}},
     "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
     "ServerInfo": {"type": "object", "properties": {
         name: {"type": "integer"} if name == "PID" else {"type": "string"}

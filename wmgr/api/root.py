@@ -8,6 +8,7 @@ root's own app, which serves /openapi.json and answers every other path with a J
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qs
 from typing import Any, Iterable, Mapping
 
 from klein import Klein
@@ -59,7 +60,11 @@ class Root(Resource):
         return self._surfaces.get(first, self._fallback).render(request)
 
     def _authorised(self, request: Any) -> bool:
-        query_token = (request.args or {}).get(b"token", [None])[0]
+        # Only the URL's own query string counts: request.args also holds the fields of a
+        # form-encoded body, which is what pfurl labels its JSON as, and a command in that body
+        # could then pose as the token.
+        _, _, query_string = request.uri.partition(b"?")
+        query_token = parse_qs(query_string).get(b"token", [None])[0]
         return token_matches(self._token, presented_token(request.getHeader(b"authorization"), query_token))
 
     @staticmethod

@@ -66,9 +66,10 @@ class WrAPI:
         for index, raw in enumerate(body):
             try:
                 spec = model.parse_spec(raw, defaults)
+                rerun = rerun or bool(spec.get("rerun"))
+                spec = model.normalise(spec)
             except InvalidRequest as e:
                 raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
-            rerun = rerun or bool(spec.get("rerun"))
             specs.append(spec)
         jobs = await self.queue.add(specs, rerun=rerun)
         now = time.time()

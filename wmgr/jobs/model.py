@@ -243,6 +243,9 @@ PARSERS: dict[str, Any] = {
     "cloud_config_files": _text("cloud_config_files"),
     "cloud_ram": _int_in("cloud_ram", 0, 1 << 30),
 }
+# Beyond wr's properties, a job made by another of wmgr's APIs (pman, tasks) carries `labels`: a
+# JSON object that API keeps its own facts in (a pman job's root name, jid, auid...). They are
+# not in PARSERS, so no wr client can set them, and they are stored with the job.
 OTHER_REQUESTS = ("cloud_os", "cloud_username", "cloud_flavor", "cloud_script", "cloud_config_files", "cloud_ram")
 BEHAVIOUR_EVENTS = ("on_failure", "on_success", "on_exit")
 
@@ -306,10 +309,16 @@ def normalise(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_key(spec: Mapping[str, Any]) -> str:
-    """wr's key: FarmHash Fingerprint128 of cmd (and cwd when it matters), as 32 hex digits."""
+    """wr's key: FarmHash Fingerprint128 of cmd (and cwd when it matters), as 32 hex digits.
+
+    Jobs made by wmgr's other APIs may carry `unique` (never settable through wr's REST API): it
+    is mixed in so that running the same command again is a new job, as pman's clients expect.
+    """
     essence = spec["cmd"] + "."
     if spec.get("cwd_matters"):
         essence = spec["cwd"] + "." + essence
+    if spec.get("unique"):
+        essence += "#" + spec["unique"]
     high, low = farmhash.fingerprint128(essence)
     return "%016x%016x" % (high, low)
 

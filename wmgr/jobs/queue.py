@@ -567,8 +567,8 @@ class JobQueue:
             self._end_without_run(job, model.FAIL_CWD if e.errno == 2 else model.FAIL_START, str(e))
             return
         max_time = None
-        if self.policy.enforce_limits and job.expected_time > 0:
-            max_time = job.expected_time * (1 + self.policy.time_margin)
+        if self.policy.enforce_limits and job.spec["time"] > 0:
+            max_time = _limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
         run = JobRun(self._reactor, RunFiles(self.run_dir, job.key), workspace, job.spec["cmd"],
                      output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
                      spawn=self._spawn, max_time=max_time)
@@ -707,7 +707,7 @@ class JobQueue:
             if job is None:
                 continue
             job.peak_ram = max(job.peak_ram, size)
-            if self.policy.enforce_limits and size > job.memory * (1 + self.policy.memory_margin):
+            if self.policy.enforce_limits and size > _limit_of(job.spec["memory"], job.memory) * (1 + self.policy.memory_margin):
                 log.info("job {key} uses {size} MB, over its {memory} MB: stopping it",
                          key=key, size=size, memory=job.memory)
                 run.kill(model.FAIL_RAM)
@@ -769,6 +769,12 @@ class JobQueue:
                 self._save([job])
             else:
                 run.gone()
+
+
+def _limit_of(requested: float, expected: float) -> float:
+    """Limits are enforced at the larger of what was asked for and what is expected: learning may
+    lower what the scheduler reserves, but never stops a job below what its owner asked for."""
+    return max(requested, expected)
 
 
 def _is_ready(job: Job) -> bool:
@@ -854,7 +860,10 @@ def _count(conn: sqlite3.Connection, deltas: Counter) -> None:
         conn.executemany(
             "INSERT INTO rep_grp_states (rep_grp, state, exitcode, fail_reason, n) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (rep_grp, state, exitcode, fail_reason) DO UPDATE SET n = n + ?", rows)
-        conn.execute("DELETE FROM rep_grp_states WHERE n <= 0")
+        # Only the counters that went down can have reached zero: remove those, by key.
+        conn.executemany(
+            "DELETE FROM rep_grp_states WHERE rep_grp = ? AND state = ? AND exitcode = ? AND fail_reason = ? "
+            "AND n <= 0", [group for group, n in deltas.items() if n < 0])
 
 
 def _insert_jobs(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], rerun: bool,

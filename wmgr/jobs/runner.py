@@ -56,6 +56,9 @@ class SessionProcess(process.Process):
     """
 
     rusage: Optional[Any] = None
+    # Twisted clears `pid` once the process is reaped, which for an instant command can happen
+    # before the constructor returns; the pid it had is kept here.
+    spawned_pid: int = 0
 
     def _trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs):  # type: ignore[override]
         if uid is not None or gid is not None:
@@ -67,7 +70,7 @@ class SessionProcess(process.Process):
             except OSError:
                 pass
         ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
-        self.pid = os.posix_spawnp(
+        self.pid = self.spawned_pid = os.posix_spawnp(
             executable,
             args,
             os.environ if environment is None else environment,
@@ -257,12 +260,12 @@ class JobRun:
         self.files.remove()
         with open(os.devnull, "rb") as stdin, open(self.files.out, "wb") as out, open(self.files.err, "wb") as err:
             argv = [SHELL, "-c", WRAPPER, ARGV0, self.workspace.cwd, str(self.files.rc), self.cmd]
+            self.started = time.time()
             transport = self._spawn(
                 self._reactor, JobProtocol(self), SHELL, argv, self.workspace.env,
                 {0: stdin.fileno(), 1: out.fileno(), 2: err.fileno()},
             )
-        self.pid = transport.pid
-        self.started = time.time()
+        self.pid = transport.pid or getattr(transport, "spawned_pid", 0)
         if self.max_time is not None:
             self._time_call = self._clock.callLater(self.max_time, self.kill, FAIL_TIME)
         return self.pid

@@ -1,0 +1,38 @@
+"""The OpenAPI document: valid, and every route the daemon's Klein apps serve is in it."""
+
+from __future__ import annotations
+
+import re
+
+from openapi_spec_validator import validate
+
+from wmgr.api import openapi
+from wmgr.api.pman import PMAN_PATHS, PmanAPI
+from wmgr.api.root import RootApp
+from wmgr.api.wr import WrAPI
+
+
+def served_routes(*apps):
+    """(OpenAPI path, method) for every rule of the given Klein apps."""
+    routes = set()
+    for app in apps:
+        for rule in app.url_map.iter_rules():
+            path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+            for method in rule.methods - {"HEAD", "OPTIONS"}:
+                routes.add((path, method.lower()))
+    return routes
+
+
+def documented(doc):
+    return {(path, method) for path, item in doc["paths"].items() for method in item}
+
+
+def test_document_is_valid_openapi_3():
+    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, openapi.ROOT_PATHS]))
+
+
+def test_every_route_is_documented_and_nothing_else():
+    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, openapi.ROOT_PATHS])
+    routes = served_routes(WrAPI.app, PmanAPI.app, RootApp.app)
+    assert routes - documented(doc) == set()
+    assert documented(doc) - routes == set()
