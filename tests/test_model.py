@@ -376,3 +376,8 @@ def test_grouped_separates_fail_reasons():
 
 def test_grouped_empty():
     assert grouped([], 3) == []
+
+
+def test_a_lone_surrogate_is_refused_not_a_server_error():
+    with pytest.raises(InvalidRequest, match="Unicode"):
+        parse_spec({"cmd": "echo \ud800"}, {})

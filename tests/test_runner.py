@@ -40,7 +40,7 @@ WAIT = 10.0  # a bound on waiting for a real process, never a fixed sleep
 
 def workspace(path: Path, env: Optional[dict] = None) -> Workspace:
     path.mkdir(parents=True, exist_ok=True)
-    return Workspace(cwd=str(path), relative_cwd="", tmp=None, env=env or dict(os.environ), home_changed=False)
+    return Workspace(cwd=str(path), relative_cwd="", tmp=None, exact_env=env, extra_env={}, home_changed=False)
 
 
 def run_files(tmp_path: Path) -> RunFiles:
@@ -180,7 +180,7 @@ async def test_exit_status_file(reactor: Any, tmp_path: Path, cmd: str, code: in
     result = await bounded(run.done)
     assert result.exitcode == code
     assert result.signal is None
-    assert files.rc.read_text() == f"{code}\n"
+    assert Path(files.rc).read_text() == f"{code}\n"
     assert files.exit_status() == code
 
 
@@ -193,20 +193,20 @@ async def test_no_status_file_when_killed_by_a_signal(reactor: Any, tmp_path: Pa
     assert result.exitcode is None
     assert result.signal == signal.SIGKILL
     assert result.stdout == "before\n"
-    assert not files.rc.exists()
+    assert not Path(files.rc).exists()
     assert files.exit_status() is None
 
 
 @pytest_twisted.ensureDeferred
 async def test_start_removes_the_files_of_an_earlier_run(reactor: Any, tmp_path: Path) -> None:
     files = run_files(tmp_path)
-    files.rc.write_text("0\n")
-    files.out.write_text("old output")
+    Path(files.rc).write_text("0\n")
+    Path(files.out).write_text("old output")
     run = make_run(reactor, files, workspace(tmp_path / "cwd"), "kill -KILL $$", Clock())
     run.start()
     result = await bounded(run.done)
     assert result.stdout == ""
-    assert not files.rc.exists()
+    assert not Path(files.rc).exists()
 
 
 @pytest_twisted.ensureDeferred
@@ -228,10 +228,11 @@ async def test_kill_terms_the_whole_group(reactor: Any, tmp_path: Path, survivor
     assert result.signal == signal.SIGTERM
     assert result.exitcode is None
     assert result.kill_reason == runner_reason
-    assert not files.rc.exists()
+    assert not Path(files.rc).exists()
     await wait_gone(reactor, grandchild)
-    # the KILL that was due after the grace period is no longer needed
-    assert clock.getDelayedCalls() == []
+    # The KILL stays due: it is harmless once the group is gone, and needed when it is not.
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [5.0]
+    clock.advance(5)
 
 
 @pytest_twisted.ensureDeferred
@@ -273,8 +274,10 @@ class FakeSpawner:
         self.protocol: Any = None
         self.transport: Optional[FakeTransport] = None
 
-    def __call__(self, reactor: Any, protocol: Any, executable: str, argv: list, env: dict, child_fds: dict) -> Any:
-        self.calls.append(dict(reactor=reactor, executable=executable, argv=argv, env=env, child_fds=dict(child_fds)))
+    def __call__(self, reactor: Any, protocol: Any, executable: str, argv: list, env: Any, extra: dict,
+                 stdio: tuple) -> Any:
+        self.calls.append(dict(reactor=reactor, executable=executable, argv=argv, env=env, extra=dict(extra),
+                               stdio=tuple(stdio)))
         self.protocol = protocol
         self.transport = FakeTransport(self.pid)
         protocol.makeConnection(self.transport)
@@ -315,10 +318,10 @@ def test_fake_start_spawns_the_wrapper(fake: Any, signals: list) -> None:
     (call,) = fake.spawner.calls
     assert call["executable"] == SHELL
     assert call["argv"] == [SHELL, "-c", WRAPPER, ARGV0, fake.ws.cwd, str(fake.files.rc), "echo hi"]
-    assert call["env"] == {"ONLY": "this"}
-    assert sorted(call["child_fds"]) == [0, 1, 2]
-    assert all(isinstance(fd, int) for fd in call["child_fds"].values())
-    assert fake.files.out.exists() and fake.files.err.exists()
+    assert call["env"] == {"ONLY": "this"} and call["extra"] == {}
+    # stdin, stdout and stderr go as paths: the child opens them, so they exist only if it ran.
+    assert call["stdio"] == (os.devnull, fake.files.out, fake.files.err)
+    assert not Path(fake.files.out).exists()
     assert signals == []
 
 
@@ -331,8 +334,8 @@ def test_fake_start_spawns_the_wrapper(fake: Any, signals: list) -> None:
 def test_fake_outcomes(fake: Any, signals: list, reason: Any, exitcode: Any, sig: Any) -> None:
     seen = outcome(fake.run)
     fake.run.start()
-    fake.files.out.write_text("out\n")
-    fake.files.err.write_text("err\n")
+    Path(fake.files.out).write_text("out\n")
+    Path(fake.files.err).write_text("err\n")
     fake.spawner.end(reason, SimpleNamespace(ru_utime=1.25, ru_stime=0.5))
     (result,) = seen
     assert isinstance(result, RunResult)
@@ -372,15 +375,17 @@ def test_fake_kill_terms_now_and_kills_after_the_grace(fake: Any, signals: list)
     assert len(signals) == 3
 
 
-def test_fake_end_before_the_grace_cancels_the_kill(fake: Any, signals: list) -> None:
+def test_fake_end_before_the_grace_still_kills_the_group_after_it(fake: Any, signals: list) -> None:
+    """The shell may end on TERM while what it started ignores it: the group is KILLed when the
+    grace period ends all the same (the result is delivered at once)."""
     seen = outcome(fake.run)
     pid = fake.run.start()
     fake.run.kill("stop")
     fake.spawner.end(error.ProcessTerminated(signal=signal.SIGTERM))
-    assert fake.clock.getDelayedCalls() == []
-    fake.clock.advance(10)
-    assert signals == [(pid, signal.SIGTERM)]
     assert seen[0].signal == signal.SIGTERM and seen[0].kill_reason == "stop"
+    assert signals == [(pid, signal.SIGTERM)]
+    fake.clock.advance(10)
+    assert signals == [(pid, signal.SIGTERM), (pid, signal.SIGKILL)]
 
 
 def test_fake_kill_before_start_does_nothing(fake: Any, signals: list) -> None:

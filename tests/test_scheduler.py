@@ -89,8 +89,8 @@ def test_zero_core_jobs_still_need_memory():
     assert q.pick() == ["a"]
 
 
-def test_default_zero_core_slots_are_twice_the_cores():
-    assert Capacity.detect(cores=3, memory=1000).zero_core_slots == 6
+def test_default_zero_core_slots_are_eight_per_core():
+    assert Capacity.detect(cores=3, memory=1000).zero_core_slots == 24
     assert Capacity.detect(cores=0.2, memory=1000).zero_core_slots == 1
     assert Capacity.detect(cores=3, memory=1000, zero_core_slots=1).zero_core_slots == 1
     detected = Capacity.detect()

@@ -63,6 +63,7 @@ class Config:
     max_cores: Optional[float] = field(default=None, metadata={"ini": ("jobs", "max_cores", _optional_float)})
     max_memory: Optional[int] = field(default=None, metadata={"ini": ("jobs", "max_memory", _memory_mb)})
     zero_core_slots: Optional[int] = field(default=None, metadata={"ini": ("jobs", "zero_core_slots", _optional_int)})
+    launchers: Optional[int] = field(default=None, metadata={"ini": ("jobs", "launchers", _optional_int)})
     output_limit: int = field(default=4096, metadata={"ini": ("jobs", "output_limit", int)})
     kill_grace: float = field(default=5.0, metadata={"ini": ("jobs", "kill_grace", float)})
     sample_interval: float = field(default=1.0, metadata={"ini": ("jobs", "sample_interval", float)})

@@ -25,6 +25,7 @@ from wmgr.api.root import QuietSite, Root, RootApp
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
+from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
@@ -69,6 +70,7 @@ class WmgrService(MultiService):
         self.url = ""
         self.store: Optional[Store] = None
         self.queue: Optional[JobQueue] = None
+        self.launcher: Optional[LauncherPool] = None
         self._started: Optional[Deferred[None]] = None
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
@@ -106,7 +108,10 @@ class WmgrService(MultiService):
             memory_margin=config.memory_margin, time_margin=config.time_margin,
             history_max_age=config.history_max_age, history_max_count=config.history_max_count,
         )
-        self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity, policy)
+        self.launcher = LauncherPool(self._reactor, config.launchers or os.cpu_count() or 1)
+        self.launcher.start()
+        self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity, policy,
+                              spawn=self.launcher.spawn)
         self.queue.on_drained = self._drained
         await self.queue.start()
 
@@ -177,6 +182,8 @@ class WmgrService(MultiService):
         await MultiService.stopService(self)
         if self.queue is not None:
             await self.queue.stop()
+        if self.launcher is not None:
+            self.launcher.stop()
         if self.store is not None:
             await self.store.close()
         try:

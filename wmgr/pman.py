@@ -340,7 +340,7 @@ class Pman:
         }, {})
         spec["labels"] = {LABEL: identity}
         spec["unique"] = root
-        added = await self.queue.add([spec])
+        added = await self.queue.add([model.normalise(spec)])
         if not added:
             raise InvalidRequest("the queue did not take the job")
         pj = PmanJob.from_job(added[0])

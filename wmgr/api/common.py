@@ -34,6 +34,14 @@ def json_response(request: Any, body: Any, code: int = 200) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
+def raw_json_response(request: Any, body: bytes, code: int = 200) -> bytes:
+    """A body already encoded as JSON (UTF-8, e.g. by model.statuses_json), answered as
+    json_response answers."""
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    return body
+
+
 def read_json(request: Any, what: str = "body") -> Any:
     data = request.content.read()
     try:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 from klein import Klein
 
 from wmgr import __version__
-from wmgr.api.common import flag, install_error_handlers, json_response, query, read_json
+from wmgr.api.common import flag, install_error_handlers, json_response, query, raw_json_response, read_json
 from wmgr.errors import InvalidRequest, NotFound
 from wmgr.jobs import model
 from wmgr.jobs.queue import JobQueue
@@ -72,8 +72,7 @@ class WrAPI:
                 raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
             specs.append(spec)
         jobs = await self.queue.add(specs, rerun=rerun)
-        now = time.time()
-        return json_response(request, [job.status(now) for job in jobs], 201)
+        return raw_json_response(request, model.statuses_json([(job, 0) for job in jobs], time.time()), 201)
 
     @app.route("/rest/v1/jobs/", methods=["DELETE"], strict_slashes=False)
     async def cancel_incomplete(self, request: Any) -> bytes:
@@ -158,8 +157,7 @@ class WrAPI:
 
     def _statuses(self, request: Any, pairs: list[tuple[model.Job, int]], params: dict[str, str]) -> bytes:
         std, env = flag(params, "std"), flag(params, "env")
-        now = time.time()
-        return json_response(request, [job.status(now, std, env, similar) for job, similar in pairs])
+        return raw_json_response(request, model.statuses_json(pairs, time.time(), std, env))
 
 
 def _ids(text: str) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sqlite3
 import time
 from collections import ChainMap, Counter
@@ -47,6 +46,8 @@ from wmgr.jobs.runner import (
     measure_trees,
     prepare_workspace,
     read_bounded,
+    remove_tmp,
+    run_files_in,
     signal_group,
     spawn_in_session,
 )
@@ -166,6 +167,13 @@ class JobQueue:
         self.runs: dict[str, Any] = {}
         self._delays: dict[str, Any] = {}
         self._adding: dict[str, Deferred[Any]] = {}
+        # Saves gathered in this reactor turn (see _save).
+        self._dirty: dict[str, Job] = {}
+        self._dirty_samples: list[tuple[str, int, float]] = []
+        self._dirty_specs: list[tuple[str, str]] = []
+        self._dirty_limits: dict[str, int] = {}
+        self._flush_waiters: list[tuple[Deferred[None], bool]] = []
+        self._flush_call: Any = None
         self._seq = 0
         self._schedule_call: Any = None
         self.paused = False  # no new starts; running jobs carry on
@@ -207,6 +215,7 @@ class JobQueue:
         """Stop starting jobs. Running jobs are left running: they write their outcome to their
         files, and the next start adopts them or records what they left."""
         self.running = False
+        self._flush()
         for call in [self._schedule_call, *self._delays.values()]:
             if call is not None and call.active():
                 call.cancel()
@@ -257,12 +266,12 @@ class JobQueue:
     # -- adding --------------------------------------------------------------------------------
 
     async def add(self, specs: list[dict[str, Any]], rerun: bool = False) -> list[Job]:
-        """Add jobs; return, in request order, each job now in the queue (a job already queued is
-        returned as it is; one that already completed is left out unless rerun)."""
+        """Add jobs (specs as model.normalise leaves them); return, in request order, each job
+        now in the queue (a job already queued is returned as it is; one that already completed
+        is left out unless rerun)."""
         candidates: dict[str, dict[str, Any]] = {}
         limits: dict[str, int] = {}
         for spec in specs:
-            spec = model.normalise(spec)
             if spec.get("limit_grps"):
                 spec["limit_grps"], set_limits = parse_limit_groups(spec["limit_grps"])
                 limits.update(set_limits)
@@ -277,7 +286,10 @@ class JobQueue:
                 await _quietly(pending)
         new_jobs = []
         for key, spec in candidates.items():
-            if key not in self.live:
+            # A job that has just completed stays in memory until its end is committed; it is a
+            # completed job all the same (left alone, or run again with rerun).
+            live = self.live.get(key)
+            if live is None or live.state == model.COMPLETE:
                 self._seq += 1
                 job = Job(key, spec, model.READY, self._seq)
                 self._learn_expectations(job)
@@ -296,7 +308,7 @@ class JobQueue:
         now = time.time()
         rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, _dumps(job.spec), now, job.spec.get("deps") or ())
                 for job in new_jobs]
-        committed: Deferred[Any] = self.store.write(lambda conn: _insert_jobs(conn, rows, rerun, limits))
+        committed: Deferred[Any] = self._write(lambda conn: _insert_jobs(conn, rows, rerun, limits))
         for job in new_jobs:
             self._adding[job.key] = committed
         try:
@@ -310,12 +322,16 @@ class JobQueue:
         added = [job for job in new_jobs if job.key in added_keys]
         for job in added:
             job.stored = job.group_key
+            old = self.live.get(job.key)
+            if old is not None:
+                self._unindex(old)  # the completed one it runs again
             self._index(job)
         groups = {group for job in added for group in job.spec.get("dep_grps") or ()}
         if groups:
             await self._hold_back(groups)
         self._reschedule()
-        return [self.live[key] for key in candidates if key in self.live]
+        return [self.live[key] for key in candidates
+                if key in self.live and self.live[key].state != model.COMPLETE]
 
     async def _hold_back(self, groups: set[str]) -> None:
         """New jobs joined these groups: jobs waiting for the groups wait again (live
@@ -330,7 +346,7 @@ class JobQueue:
                     changed.append(job)
         if changed:
             self._save(changed)
-        rows = await self.store.write(lambda conn: _resurrect(conn, groups))
+        rows = await self._write(lambda conn: _resurrect(conn, groups))
         revived = []
         for row in rows:
             job = self.live.get(row[0])
@@ -401,7 +417,7 @@ class JobQueue:
         affected = []
         for job in jobs:
             run = self.runs.get(job.key)
-            if run is not None and job.state == model.RUNNING:
+            if run is not None and job.state in model.ACTIVE_STATES:
                 run.kill(model.FAIL_KILLED)
                 affected.append(job)
         return affected
@@ -445,8 +461,9 @@ class JobQueue:
             key, waiting = next(iter(refused.items()))
             raise Conflict(f"job {key} cannot be deleted: {len(waiting)} job(s) depend on it "
                            f"(e.g. {waiting[0]}); delete them in the same request")
+        self._flush()  # so that `stored` below is what the store has
         items = [(job.key, job.stored) for job in doomed.values()]
-        await self.store.write(lambda conn: _delete_jobs(conn, items))
+        await self._write(lambda conn: _delete_jobs(conn, items))
         released: set[str] = set()
         for job in doomed.values():
             released |= self.deps.dependants(job)
@@ -569,7 +586,7 @@ class JobQueue:
         max_time = None
         if self.policy.enforce_limits and job.spec["time"] > 0:
             max_time = _limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
-        run = JobRun(self._reactor, RunFiles(self.run_dir, job.key), workspace, job.spec["cmd"],
+        run = JobRun(self._reactor, RunFiles(self.run_dir, job.key, job.attempts + 1), workspace, job.spec["cmd"],
                      output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
                      spawn=self._spawn, max_time=max_time)
         try:
@@ -581,15 +598,24 @@ class JobQueue:
             self._end_without_run(job, model.FAIL_START, str(e))
             return
         job.reset_run()
-        job.state = model.RUNNING
+        # Reserved, as in wr, until the process is known to run (its pid reported).
+        job.state = model.RUNNING if run.pid else model.RESERVED
         job.attempts += 1
         job.pid, job.host, job.host_ip = run.pid, self.host, self.host_ip
+        if not run.pid:
+            run.on_started = lambda pid: self._started(job, run, pid)
         job.started = run.started
         job.actual_cwd = workspace.relative_cwd
         job.home_changed = workspace.home_changed
         self.runs[job.key] = run
         self._save([job])
         self._follow(job, run)
+
+    def _started(self, job: Job, run: Any, pid: int) -> None:
+        if self.runs.get(job.key) is run and job.state == model.RESERVED:
+            job.pid = pid
+            job.state = model.RUNNING
+            self._save([job])
 
     def _follow(self, job: Job, run: Any) -> None:
         run.done.addCallback(lambda result: ensureDeferred(self._run_ended(result, job, run)))
@@ -613,9 +639,11 @@ class JobQueue:
             remove = outcome.remove
         self.runs.pop(job.key, None)
         self._release(job)
+        # The slot is free now: the next job need not wait for this one's end to be committed.
+        self._reschedule()
         samples = self._record(job, result)
         if run.workspace is not None and run.workspace.tmp:
-            shutil.rmtree(run.workspace.tmp, ignore_errors=True)
+            remove_tmp(run.workspace.tmp)
         # Only once the end is committed may the files that also record it go (see _recover).
         await self._save([job], samples=samples, strict=True)
         run.files.remove()
@@ -669,23 +697,62 @@ class JobQueue:
     def _save(self, jobs: list[Job], samples: Iterable[tuple[str, int, float]] = (),
               specs: Iterable[tuple[str, str]] = (), limits: Optional[dict[str, int]] = None,
               strict: bool = False) -> Deferred[None]:
-        """Write the jobs' current state (and counters) now, in order with every other write.
-        The Deferred fires once committed. A failure is logged and surfaced as a warning; with
-        `strict` it is also passed on, for callers that must not go on as if it were stored."""
-        changes = []
+        """Write the jobs' current state (and counters), in order with every other write.
+
+        Saves made in one reactor turn share one store operation, and a job saved twice in it is
+        written once, as it is then (a short job's "running" and its end often meet so). The
+        Deferred fires once committed. A failure is logged and surfaced as a warning; with
+        `strict` it is also passed on, for callers that must not go on as if it were stored.
+        """
         for job in jobs:
+            self._dirty[job.key] = job
+        self._dirty_samples.extend(samples)
+        self._dirty_specs.extend(specs)
+        self._dirty_limits.update(limits or {})
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        waiter: Deferred[None] = Deferred()
+        self._flush_waiters.append((waiter, strict))
+        return waiter
+
+    def _flush(self) -> None:
+        """Send the saves gathered so far to the store as one operation."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if not self._flush_waiters:
+            return
+        changes = []
+        for job in self._dirty.values():
             new = job.group_key
             changes.append((new, job.stored, _dumps(job.run_record()), job.stdout, job.stderr, job.key))
             job.stored = new
-        samples, specs = list(samples), list(specs)
-        d = self.store.write(lambda conn: _apply(conn, changes, samples, specs, limits or {}))
-        d.addErrback(self._write_failed, strict)
-        return d
+        samples, specs, limits = self._dirty_samples, self._dirty_specs, self._dirty_limits
+        waiters = self._flush_waiters
+        self._dirty, self._dirty_samples, self._dirty_specs, self._dirty_limits = {}, [], [], {}
+        self._flush_waiters = []
+        d = self.store.write(lambda conn: _apply(conn, changes, samples, specs, limits))
+        d.addCallbacks(self._flushed, self._flush_failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
 
-    def _write_failed(self, failure: Any, strict: bool) -> Any:
+    @staticmethod
+    def _flushed(_: Any, waiters: list[tuple[Deferred[None], bool]]) -> None:
+        for waiter, _strict in waiters:
+            waiter.callback(None)
+
+    def _flush_failed(self, failure: Any, waiters: list[tuple[Deferred[None], bool]]) -> None:
         log.failure("could not write job changes to the store", failure)
         self.notices.warn(f"could not write job changes to the store: {failure.getErrorMessage()}")
-        return failure if strict else None
+        for waiter, strict in waiters:
+            if strict:
+                waiter.errback(failure)
+            else:
+                waiter.callback(None)
+
+    def _write(self, operation: Callable[[sqlite3.Connection], Any]) -> Deferred[Any]:
+        """Any other store write: saves still gathering go first, so that the counters they
+        move and the ones this moves stay in order."""
+        self._flush()
+        return self.store.write(operation)
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -695,13 +762,13 @@ class JobQueue:
         runs = dict(self.runs)
         if not runs:
             return
+        runs = {key: run for key, run in runs.items() if run.pid}
         sizes = await deferToThread(measure_trees, [run.pid for run in runs.values()])
         for key, run in runs.items():
             size = sizes.get(run.pid)
             job = self.live.get(key)
             if size is None:
-                if isinstance(run, AdoptedRun):
-                    run.gone()
+                run.gone()  # adopted runs, and runs whose launcher died, learn their end so
                 continue
             run.peak_ram = max(run.peak_ram, size)
             if job is None:
@@ -723,7 +790,7 @@ class JobQueue:
         cutoff = time.time() - policy.history_max_age if policy.history_max_age else None
         total = 0
         while True:
-            removed = await self.store.write(
+            removed = await self._write(
                 lambda conn: _prune(conn, cutoff, policy.history_max_count, _PRUNE_CHUNK))
             total += removed
             if removed < _PRUNE_CHUNK:
@@ -736,36 +803,45 @@ class JobQueue:
 
     async def _recover(self) -> None:
         """Settle every job that may have been started by an earlier daemon: adopt the ones still
-        running, record the outcome of the ones that finished meanwhile, mark the rest lost."""
-        names = await deferToThread(os.listdir, self.run_dir)
-        with_files = {name.rsplit(".", 1)[0] for name in names}
+        running, record the outcome of the ones that finished meanwhile, mark the rest lost.
+
+        A run's files are removed only after its end is committed, and their names carry the
+        attempt, so: files of an attempt later than the stored one, or of the stored attempt of
+        a job stored as running, belong to a run whose end is not stored; any others are
+        leftovers of runs whose end is."""
+        with_files = await deferToThread(run_files_in, self.run_dir)
         started = {key for key, job in self.live.items() if job.state in model.ACTIVE_STATES}
-        if not (with_files | started):
+        if not (with_files.keys() | started):
             return
         alive = await deferToThread(find_job_processes, self.run_dir)
-        for key in sorted(with_files | started):
+        for key in sorted(with_files.keys() | started):
             job = self.live.get(key)
-            files = RunFiles(self.run_dir, key)
-            if job is None or (job.state in (model.COMPLETE, model.BURIED, model.LOST) and key not in alive):
-                files.remove()  # a run whose end was committed before its files were removed
+            attempts = with_files.get(key, [])
+            for old in attempts[:-1]:
+                RunFiles(self.run_dir, key, old).remove()
+            latest = attempts[-1] if attempts else None
+            files = RunFiles(self.run_dir, key, latest or 0)
+            current = job is not None and latest is not None and (
+                latest > job.attempts or (latest == job.attempts and job.state in model.ACTIVE_STATES))
+            if not current:
+                if latest is not None:
+                    files.remove()
+                if job is not None and job.state in model.ACTIVE_STATES:
+                    job.state, job.fail_reason = model.LOST, model.FAIL_LOST
+                    self._save([job])
                 continue
-            if key not in with_files:
-                job.state, job.fail_reason = model.LOST, model.FAIL_LOST
-                self._save([job])
-                continue
-            if job.state not in model.ACTIVE_STATES:
-                # Started, but the daemon died before "running" was stored: it did run.
-                job.attempts += 1
+            job.attempts = latest  # type: ignore[assignment]
             self._cancel_delay(job)
             self.scheduler.take(job)
             self.limits.take(job.spec.get("limit_grps") or ())
-            run = AdoptedRun(files, alive.get(key, 0), job.started or time.time(), self.policy.output_limit)
+            pid = alive.get(f"{key}.{latest}", 0)
+            run = AdoptedRun(files, pid, job.started or time.time(), self.policy.output_limit)
             job.state = model.RUNNING
             self.runs[key] = run
             self._follow(job, run)
-            if key in alive:
-                job.pid = alive[key]
-                log.info("adopted job {key} (pid {pid}) left running by an earlier daemon", key=key, pid=job.pid)
+            if pid:
+                job.pid = pid
+                log.info("adopted job {key} (pid {pid}) left running by an earlier daemon", key=key, pid=pid)
                 self._save([job])
             else:
                 run.gone()
@@ -811,8 +887,9 @@ def _merge_groups(live: list[Job], stored_groups: list[tuple[tuple[str, int, str
     return result
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+# One compact encoder made once: json.dumps builds a new one per call, which was a fifth of the
+# time of a large add (every spec is encoded to be stored).
+_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 async def _quietly(d: Deferred[Any]) -> None:
@@ -1012,11 +1089,13 @@ def _prune(conn: sqlite3.Connection, cutoff: Optional[float], keep: int, chunk: 
         clauses.append("updated < ?")
         params.append(cutoff)
     if keep:
-        row = conn.execute("SELECT updated FROM jobs WHERE state = ? ORDER BY updated DESC LIMIT 1 OFFSET ?",
-                           (model.COMPLETE, keep - 1)).fetchone()
+        # The newest `keep` by (updated, seq): jobs whose ends were committed together share
+        # `updated`, and seq orders them.
+        row = conn.execute("SELECT updated, seq FROM jobs WHERE state = ? ORDER BY updated DESC, seq DESC "
+                           "LIMIT 1 OFFSET ?", (model.COMPLETE, keep - 1)).fetchone()
         if row is not None:
-            clauses.append("updated < ?")
-            params.append(row[0])
+            clauses.append("(updated, seq) < (?, ?)")
+            params.extend(row)
     if not clauses:
         return 0
     rows = conn.execute(

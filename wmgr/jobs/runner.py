@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import secrets
+import shutil
 import signal
 import socket
 import time
@@ -42,6 +43,8 @@ WRAPPER = (
 SHELL = "/bin/sh"
 ARGV0 = "wmgr-job"
 
+_OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
 # How much of each stream is kept: this many bytes from the start and as many from the end.
 DEFAULT_OUTPUT_LIMIT = 4096
 
@@ -60,25 +63,25 @@ class SessionProcess(process.Process):
     # before the constructor returns; the pid it had is kept here.
     spawned_pid: int = 0
 
+    # stdin, stdout and stderr as paths, opened by the child itself (see spawn_in_session).
+    stdio: tuple[str, str, str] = ("/dev/null", "/dev/null", "/dev/null")
+
     def _trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs):  # type: ignore[override]
         if uid is not None or gid is not None:
             return False
-        fd_state = []
-        for fd in process._listOpenFDs():
-            try:
-                fd_state.append((fd, fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)))
-            except OSError:
-                pass
-        ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
-        self.pid = self.spawned_pid = os.posix_spawnp(
-            executable,
-            args,
-            os.environ if environment is None else environment,
-            file_actions=process._getFileActions(
-                fd_state, kwargs.get("fdmap"), doClose=process._PS_CLOSE, doDup2=process._PS_DUP2
-            ),
-            setsigdef=ignored,
-            setsid=True,
+        # Only the child's 0, 1 and 2 are set up, opened by the child: so a run's files exist only
+        # if its process did start, which recovery relies on. Every other descriptor of the
+        # daemon is close-on-exec (Python and Twisted open them so, PEP 446), so unlike Twisted we
+        # do not list and fcntl every open descriptor before each spawn: that was most of its cost.
+        stdin, stdout, stderr = self.stdio
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
+            (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
+        ]
+        self.pid = self.spawned_pid = os.posix_spawn(
+            executable, args, os.environ if environment is None else environment,
+            file_actions=actions, setsigdef=_ignored_signals(), setsid=True,
         )
         self.status = -1
         return True
@@ -102,16 +105,39 @@ class SessionProcess(process.Process):
             self.processEnded(status)
 
 
-def spawn_in_session(reactor, protocol, executable, argv, env, child_fds) -> SessionProcess:
-    """The default spawner: a real process in its own session."""
-    return SessionProcess(reactor, executable, argv, env, None, protocol, childFDs=child_fds)
+_IGNORED: Optional[list[int]] = None
+
+
+def _ignored_signals() -> list[int]:
+    """Signals the daemon ignores, to be reset to their defaults in jobs. Asked once: twistd sets
+    its dispositions before the reactor runs, and asking for every signal costs ~70 µs."""
+    global _IGNORED
+    if _IGNORED is None:
+        _IGNORED = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
+    return _IGNORED
+
+
+def spawn_in_session(reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
+                     extra: dict[str, str], stdio: tuple[str, str, str]) -> SessionProcess:
+    """Spawn a job from the daemon itself: a process in its own session.
+
+    A spawner takes the environment as `env` (exactly these variables; None: the daemon's own)
+    plus `extra` on top, and stdin, stdout and stderr as paths. The other spawner,
+    wmgr.jobs.launcher, takes the same arguments.
+    """
+    full = dict(os.environ if env is None else env, **extra)
+    process_class = type("StdioSessionProcess", (SessionProcess,), {"stdio": tuple(stdio)})
+    return process_class(reactor, executable, argv, full, None, protocol, childFDs={})
 
 
 class JobProtocol(ProcessProtocol):
-    """Forwards the end of the process to its owner; all policy lives in JobRun."""
+    """Tells its owner when the process runs and when it has ended; all policy lives in JobRun."""
 
     def __init__(self, run: "JobRun") -> None:
         self.run = run
+
+    def connectionMade(self) -> None:
+        self.run._process_started(self.transport)
 
     def processEnded(self, reason: Failure) -> None:
         self.run._process_ended(reason, getattr(self.transport, "rusage", None))
@@ -134,42 +160,40 @@ class RunResult:
     lost: bool = False
 
 
-@dataclass
 class RunFiles:
-    """The files of one run in the run directory, named after the job's key."""
+    """The files of one run in the run directory: <key>.<attempt>.out, .err and .rc. The attempt
+    is in the name so that what is left of one run can never be taken for, or removed as, the
+    files of the job's next run."""
 
-    directory: Path
-    key: str
+    __slots__ = ("directory", "key", "attempt", "out", "err", "rc")
 
-    @property
-    def out(self) -> Path:
-        return self.directory / f"{self.key}.out"
-
-    @property
-    def err(self) -> Path:
-        return self.directory / f"{self.key}.err"
-
-    @property
-    def rc(self) -> Path:
-        return self.directory / f"{self.key}.rc"
+    def __init__(self, directory: Path | str, key: str, attempt: int = 0) -> None:
+        self.directory = str(directory)
+        self.key = key
+        self.attempt = attempt
+        base = os.path.join(self.directory, f"{key}.{attempt}")
+        self.out, self.err, self.rc = base + ".out", base + ".err", base + ".rc"
 
     def remove(self) -> None:
         for path in (self.out, self.err, self.rc):
             try:
-                path.unlink()
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
     def exit_status(self) -> Optional[int]:
         try:
-            return int(self.rc.read_text().strip())
+            with open(self.rc) as f:
+                return int(f.read().strip())
         except (OSError, ValueError):
             return None
 
 
-def read_bounded(path: Path, limit: int) -> str:
+def read_bounded(path: Path | str, limit: int) -> str:
     """The first and last `limit` bytes of a file, with a marker saying how much was left out."""
     try:
+        if os.stat(path).st_size == 0:
+            return ""  # most jobs write nothing to one stream or both: a stat instead of an open
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= 2 * limit:
@@ -186,37 +210,60 @@ def read_bounded(path: Path, limit: int) -> str:
 
 @dataclass
 class Workspace:
-    """Where a job runs: its directory (and, when wmgr made a unique one, its tmp) and env."""
+    """Where a job runs: its directory (and, when wmgr made a unique one, its tmp) and its
+    environment: `exact_env` (the job's own variables; None: the daemon's) plus `extra_env`."""
 
     cwd: str
     relative_cwd: str
     tmp: Optional[str]
-    env: dict[str, str]
+    exact_env: Optional[dict[str, str]]
+    extra_env: dict[str, str]
     home_changed: bool
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ if self.exact_env is None else self.exact_env, **self.extra_env)
+
+
+_made_parents: set[str] = set()
 
 
 def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
     """As wr does: a unique <cwd>/wr_cwd/k/e/y/<rest><random>/cwd with a sister tmp (exported as
     TMPDIR) unless cwd_matters, in which case the given cwd is used as it is and must exist."""
-    if spec.get("env"):
-        env = dict(entry.split("=", 1) for entry in spec["env"])
-    else:
-        env = dict(os.environ)
+    exact = dict(entry.split("=", 1) for entry in spec["env"]) if spec.get("env") else None
     base = spec["cwd"]
     if spec.get("cwd_matters"):
         if not os.path.isdir(base):
             raise FileNotFoundError(errno.ENOENT, "working directory does not exist", base)
-        return Workspace(base, "", None, env, False)
-    unique = os.path.join("wr_cwd", key[0], key[1], key[2], key[3:] + secrets.token_hex(4))
-    root = os.path.join(base, unique)
+        return Workspace(base, "", None, exact, {}, False)
+    parent = os.path.join(base, "wr_cwd", key[0], key[1], key[2])
+    if parent not in _made_parents:
+        os.makedirs(parent, exist_ok=True)
+        _made_parents.add(parent)
+    unique = key[3:] + secrets.token_hex(4)
+    root = os.path.join(parent, unique)
+    try:
+        os.mkdir(root)
+    except FileNotFoundError:  # the parent was removed since (a cleanup): make it again
+        os.makedirs(root)
     cwd, tmp = os.path.join(root, "cwd"), os.path.join(root, "tmp")
-    os.makedirs(cwd)
+    os.mkdir(cwd)
     os.mkdir(tmp)
-    env["TMPDIR"] = tmp
+    extra = {"TMPDIR": tmp}
     home_changed = bool(spec.get("change_home"))
     if home_changed:
-        env["HOME"] = cwd
-    return Workspace(cwd, "/" + unique + "/cwd", tmp, env, home_changed)
+        extra["HOME"] = cwd
+    return Workspace(cwd, f"/wr_cwd/{key[0]}/{key[1]}/{key[2]}/{unique}/cwd", tmp, exact, extra, home_changed)
+
+
+def remove_tmp(tmp: str) -> None:
+    try:
+        os.rmdir(tmp)  # usually empty: one syscall
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class JobRun:
@@ -254,27 +301,49 @@ class JobRun:
         self.kill_reason = ""
         self._kill_call: Any = None
         self._finished = False
+        self._transport: Any = None
+        self.on_started: Optional[Callable[[int], None]] = None
 
     def start(self) -> int:
         """Start the process; return its pid. Raises OSError if it cannot be started."""
-        self.files.remove()
-        with open(os.devnull, "rb") as stdin, open(self.files.out, "wb") as out, open(self.files.err, "wb") as err:
-            argv = [SHELL, "-c", WRAPPER, ARGV0, self.workspace.cwd, str(self.files.rc), self.cmd]
-            self.started = time.time()
-            transport = self._spawn(
-                self._reactor, JobProtocol(self), SHELL, argv, self.workspace.env,
-                {0: stdin.fileno(), 1: out.fileno(), 2: err.fileno()},
-            )
-        self.pid = transport.pid or getattr(transport, "spawned_pid", 0)
+        try:
+            os.unlink(self.files.rc)  # a status left by an earlier run must not be taken for this one's
+        except FileNotFoundError:
+            pass
+        argv = [SHELL, "-c", WRAPPER, ARGV0, self.workspace.cwd, self.files.rc, self.cmd]
+        self.started = time.time()
         if self.max_time is not None:
             self._time_call = self._clock.callLater(self.max_time, self.kill, FAIL_TIME)
+        self._transport = self._spawn(
+            self._reactor, JobProtocol(self), SHELL, argv, self.workspace.exact_env, self.workspace.extra_env,
+            (os.devnull, self.files.out, self.files.err),
+        )
         return self.pid
+
+    def _process_started(self, transport: Any) -> None:
+        """The process runs: its pid is known (at once when the daemon spawns it, when the
+        launcher reports it otherwise)."""
+        self.pid = transport.pid or getattr(transport, "spawned_pid", 0)
+        if self.on_started is not None:
+            self.on_started(self.pid)
+        if self.kill_reason and not self._finished:
+            self.kill(self.kill_reason)  # a kill asked for before the pid was known
+
+    def gone(self) -> None:
+        """The sampler found the process gone. Only a run whose launcher died needs telling:
+        its end is read from its status file."""
+        transport = self._transport
+        if getattr(transport, "orphaned", False) and not self._finished:
+            code = self.files.exit_status()
+            transport.end(None if code is None else code << 8)
 
     def kill(self, reason: str) -> None:
         """TERM the whole process group now and KILL it after the grace period."""
-        if self._finished or not self.pid:
+        if self._finished:
             return
         self.kill_reason = self.kill_reason or reason
+        if not self.pid:
+            return  # not running yet: done as soon as it is (see _process_started)
         signal_group(self.pid, signal.SIGTERM)
         if self._kill_call is None:
             self._kill_call = self._clock.callLater(self.kill_grace, signal_group, self.pid, signal.SIGKILL)
@@ -283,13 +352,17 @@ class JobRun:
         if self._finished:
             return
         self._finished = True
-        for call in (self._kill_call, self._time_call):
-            if call is not None and call.active():
-                call.cancel()
+        if self._time_call is not None and self._time_call.active():
+            self._time_call.cancel()
+        # A pending KILL is left to fire: the shell has gone, but what it started may still be
+        # ignoring the TERM, and the group is killed when the grace period ends all the same.
         exitcode = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         if isinstance(reason.value, error.ProcessDone):
             exitcode, sig = 0, None
+        # Neither an exit code nor a signal: how it ended is not known (its launcher died before
+        # it was reported started), so it is lost rather than failed.
+        lost = exitcode is None and sig is None
         # CPU time comes from wait4: the shell and every descendant it reaped. Peak memory comes
         # only from sampling: ru_maxrss is useless here, because a posix_spawn child shares the
         # daemon's memory until it execs and so reports at least the daemon's RSS.
@@ -305,6 +378,7 @@ class JobRun:
             stdout=read_bounded(self.files.out, self.output_limit),
             stderr=read_bounded(self.files.err, self.output_limit),
             kill_reason=self.kill_reason,
+            lost=lost and not self.kill_reason,
         )
         self.done.callback(result)
 
@@ -327,6 +401,11 @@ def measure_trees(pids: list[int]) -> dict[int, Optional[int]]:
     for pid in pids:
         try:
             leader = psutil.Process(pid)
+            # A zombie leader has ended; it is only waiting for someone (init, for an adopted
+            # job) to reap it.
+            if leader.status() == psutil.STATUS_ZOMBIE:
+                result[pid] = None
+                continue
             members = [leader] + leader.children(recursive=True)
         except psutil.NoSuchProcess:
             result[pid] = None
@@ -341,9 +420,20 @@ def measure_trees(pids: list[int]) -> dict[int, Optional[int]]:
     return result
 
 
+def run_files_in(run_dir: Path | str) -> dict[str, list[int]]:
+    """The attempts that have files in the run directory, by job key, oldest first."""
+    found: dict[str, set[int]] = {}
+    for name in os.listdir(run_dir):
+        key, _, rest = name.partition(".")
+        attempt = rest.split(".", 1)[0]
+        if attempt.isdigit():
+            found.setdefault(key, set()).add(int(attempt))
+    return {key: sorted(attempts) for key, attempts in found.items()}
+
+
 def find_job_processes(run_dir: Path) -> dict[str, int]:
-    """Job leaders started by a daemon with this run directory, by job key, found from their
-    command lines (the wrapper's arguments name the status file). Used only at recovery."""
+    """Job leaders started by a daemon with this run directory, by "<key>.<attempt>", found from
+    their command lines (the wrapper's arguments name the status file). Used only at recovery."""
     prefix = str(run_dir) + os.sep
     found: dict[str, int] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):

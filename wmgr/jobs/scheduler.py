@@ -21,7 +21,7 @@ from wmgr.jobs.model import Job
 @dataclass
 class Capacity:
     """What the machine offers to jobs. Jobs that ask for no cores still take a slot: at most
-    `zero_core_slots` of them run at once (wr allows twice the core count)."""
+    `zero_core_slots` of them run at once (default eight per core)."""
 
     cores: float
     memory: int  # MB
@@ -32,7 +32,10 @@ class Capacity:
                zero_core_slots: Optional[int] = None) -> "Capacity":
         cores = cores if cores is not None else float(psutil.cpu_count() or 1)
         memory = memory if memory is not None else psutil.virtual_memory().total // (1024 * 1024)
-        slots = zero_core_slots if zero_core_slots is not None else max(1, int(2 * cores))
+        # wr allows twice the cores. Jobs that ask for no core are meant to be light, and short
+        # ones spend most of their life being started and reaped: eight per core keeps the
+        # machine busy with them (memory still caps how many run).
+        slots = zero_core_slots if zero_core_slots is not None else max(1, int(8 * cores))
         return cls(cores=cores, memory=memory, zero_core_slots=slots)
 
 

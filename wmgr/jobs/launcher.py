@@ -1,0 +1,267 @@
+"""Starting job processes from a helper process, so that the reactor never waits for an exec.
+
+Why: CPython (before 3.12, and never for os.posix_spawn) holds the GIL while a vfork'ed child
+execs, and on a busy machine that child may wait for a core: the daemon's reactor thread stood
+still for most of each job start. The launcher is a small Python process, started once with a
+ProcessProtocol, that reads spawn requests (JSON lines on its stdin), starts each job with
+posix_spawn in a new session with its stdio opened by the child itself, reaps it with wait4 and
+reports (JSON lines on its stdout) its pid and then its exit status and CPU time.
+
+Nothing is lost if the launcher dies: jobs are session leaders writing to files, so they carry
+on; the runs it had started are then watched by pid and settled from their status files, and a
+new launcher takes over new starts.
+
+Requests:  {"id": 7, "argv": [...], "env": {...} | null, "extra": {...}, "stdio": [in, out, err]}
+Events:    {"id": 7, "pid": 1234} | {"id": 7, "error": "..."} | {"pid": 1234, "status": 0, "cpu": 0.01}
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any, Optional
+
+from twisted.internet import error
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+_OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+# -- the launcher process ------------------------------------------------------------------------
+
+
+def main() -> None:
+    """The launcher's own loop (runs in the child process)."""
+    os.setsid()  # a terminal's Ctrl-C for the daemon is not ours: the daemon closes our stdin
+    ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
+    base_env = dict(os.environ)
+    out = sys.stdout.buffer
+    lock = threading.Lock()
+    children = threading.Condition()
+    running = [0]
+
+    def write(event: dict[str, Any]) -> None:
+        out.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+        out.flush()
+
+    def reap() -> None:
+        while True:
+            with children:
+                while running[0] == 0:
+                    children.wait()
+            try:
+                pid, status, usage = os.wait4(-1, 0)
+            except ChildProcessError:
+                continue
+            with children:
+                running[0] -= 1
+            with lock:
+                write({"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
+
+    threading.Thread(target=reap, name="reaper", daemon=True).start()
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        env = request["env"] if request["env"] is not None else base_env.copy()
+        env.update(request["extra"])
+        stdin, stdout, stderr = request["stdio"]
+        # The lock is held from the spawn until its pid is reported, so that a process that ends
+        # at once is never reported ended before it is reported started.
+        with lock:
+            try:
+                pid = os.posix_spawn(
+                    request["argv"][0], request["argv"], env,
+                    file_actions=[
+                        (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
+                        (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
+                        (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
+                    ],
+                    setsid=True, setsigdef=ignored,
+                )
+            except OSError as e:
+                write({"id": request["id"], "error": str(e)})
+                continue
+            with children:
+                running[0] += 1
+                children.notify()
+            write({"id": request["id"], "pid": pid})
+
+
+# -- the daemon's side ---------------------------------------------------------------------------
+
+
+class Usage:
+    """What the launcher tells of a finished process's resource use (as os.wait4's rusage)."""
+
+    def __init__(self, cpu: float) -> None:
+        self.ru_utime, self.ru_stime = cpu, 0.0
+
+
+class LaunchedProcess:
+    """The transport of one job started by the launcher. Its protocol is connected once the
+    launcher reports the pid, and ended once it reports the exit status. If the launcher dies
+    first the process is an orphan: whoever watches it by pid calls end() with what its status
+    file says."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.proto = protocol
+        self.pid: int = 0
+        self.rusage: Optional[Usage] = None
+        self.ended = False
+        self.orphaned = False
+
+    def started(self, pid: int) -> None:
+        self.pid = pid
+        self.proto.makeConnection(self)
+
+    def end(self, status: Optional[int], cpu: float = 0.0) -> None:
+        """status: as from wait4; None when it is not known how the process ended."""
+        if self.ended:
+            return
+        self.ended = True
+        self.rusage = Usage(cpu)
+        reason: BaseException
+        if status is None:
+            reason = error.ProcessTerminated(None, None, None)
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            reason = error.ProcessDone(status)
+        elif os.WIFEXITED(status):
+            reason = error.ProcessTerminated(os.WEXITSTATUS(status), None, status)
+        else:
+            reason = error.ProcessTerminated(None, os.WTERMSIG(status), status)
+        self.proto.processEnded(Failure(reason))
+
+    def signalProcess(self, name: str) -> None:
+        if self.pid:
+            os.kill(self.pid, getattr(signal, f"SIG{name}"))
+
+    def loseConnection(self) -> None:
+        pass
+
+
+class LauncherProtocol(ProcessProtocol):
+    """The launcher process's protocol: JSON lines of events in, to its owner."""
+
+    def __init__(self, owner: "Launcher") -> None:
+        self.owner = owner
+        self.buffer = b""
+
+    def outReceived(self, data: bytes) -> None:
+        lines = (self.buffer + data).split(b"\n")
+        self.buffer = lines.pop()
+        for line in lines:
+            if line:
+                self.owner.event(json.loads(line))
+
+    def errReceived(self, data: bytes) -> None:
+        log.warn("job launcher: {text}", text=data.decode("utf-8", "replace").rstrip())
+
+    def processEnded(self, reason: Failure) -> None:
+        self.owner.died(reason)
+
+
+class Launcher:
+    """Owns the launcher process: starts it, sends it spawn requests, routes its events, and
+    restarts it if it dies (the runs it had started become orphans, see LaunchedProcess)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._ids = itertools.count(1)
+        self._starting: dict[int, LaunchedProcess] = {}
+        self._running: dict[int, LaunchedProcess] = {}
+        self._protocol: Optional[LauncherProtocol] = None
+        self._stopping = False
+        self.restarts = 0
+
+    def start(self) -> None:
+        self._stopping = False
+        self._protocol = LauncherProtocol(self)
+        self._reactor.spawnProcess(
+            self._protocol, sys.executable, [sys.executable, "-m", "wmgr.jobs.launcher"],
+            env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"},
+        )
+
+    def stop(self) -> None:
+        """Close the launcher's stdin: it exits, and the jobs it started carry on."""
+        self._stopping = True
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.closeStdin()
+
+    @property
+    def pid(self) -> Optional[int]:
+        transport = self._protocol.transport if self._protocol is not None else None
+        return getattr(transport, "pid", None)
+
+    def spawn(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
+              extra: dict[str, str], stdio: tuple[str, str, str]) -> LaunchedProcess:
+        """Ask for a process; the returned transport connects its protocol once it runs."""
+        if self._protocol is None or self._protocol.transport is None:
+            raise OSError("the job launcher is not running")
+        process = LaunchedProcess(protocol)
+        ident = next(self._ids)
+        self._starting[ident] = process
+        request = {"id": ident, "argv": [executable, *argv[1:]], "env": env, "extra": extra, "stdio": list(stdio)}
+        self._protocol.transport.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        return process
+
+    def event(self, event: dict[str, Any]) -> None:
+        if "id" in event:
+            process = self._starting.pop(event["id"], None)
+            if process is None:
+                return
+            if "error" in event:
+                log.warn("the launcher could not start a job: {error}", error=event["error"])
+                process.end(127 << 8)  # as a shell reports a command it cannot run
+                return
+            self._running[event["pid"]] = process
+            process.started(event["pid"])
+        else:
+            process = self._running.pop(event["pid"], None)
+            if process is not None:
+                process.end(event["status"], event["cpu"])
+
+    def died(self, reason: Failure) -> None:
+        self._protocol = None
+        for process in self._running.values():
+            process.orphaned = True  # still running, or ended unreported: watched by pid now
+        self._running.clear()
+        for process in self._starting.values():
+            process.end(None)  # never reported started: it may or may not have run
+        self._starting.clear()
+        if not self._stopping:
+            self.restarts += 1
+            log.error("the job launcher died ({why}); starting a new one", why=reason.getErrorMessage())
+            self.start()
+
+
+
+class LauncherPool:
+    """Several launchers, one per core by default: each is one spawner (its own exec waits hold
+    its own GIL), so starts proceed in parallel. A spawn goes to the launcher with the fewest
+    processes still starting."""
+
+    def __init__(self, reactor: Any, size: int) -> None:
+        self.launchers = [Launcher(reactor) for _ in range(max(1, size))]
+
+    def start(self) -> None:
+        for launcher in self.launchers:
+            launcher.start()
+
+    def stop(self) -> None:
+        for launcher in self.launchers:
+            launcher.stop()
+
+    def spawn(self, *args: Any) -> LaunchedProcess:
+        launcher = min(self.launchers, key=lambda each: len(each._starting))
+        return launcher.spawn(*args)
+
+
+if __name__ == "__main__":
+    main()
