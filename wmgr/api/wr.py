@@ -71,8 +71,20 @@ class WrAPI:
             except InvalidRequest as e:
                 raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
             specs.append(spec)
-        jobs = await self.queue.add(specs, rerun=rerun)
-        return raw_json_response(request, model.statuses_json([(job, 0) for job in jobs], time.time()), 201)
+        # The reply for jobs that are all new is encoded while the store commits them; it is used
+        # if they are what the queue answers with, in the states they were encoded in.
+        prepared: list[Any] = []
+
+        def prepare(new_jobs: list[model.Job]) -> None:
+            prepared[:] = [[(job.key, job.state) for job in new_jobs],
+                           model.statuses_json([(job, 0) for job in new_jobs], time.time())]
+
+        jobs = await self.queue.add(specs, rerun=rerun, while_committing=prepare)
+        if prepared and prepared[0] == [(job.key, job.state) for job in jobs]:
+            body = prepared[1]
+        else:
+            body = model.statuses_json([(job, 0) for job in jobs], time.time())
+        return raw_json_response(request, body, 201)
 
     @app.route("/rest/v1/jobs/", methods=["DELETE"], strict_slashes=False)
     async def cancel_incomplete(self, request: Any) -> bytes:

@@ -67,7 +67,12 @@ def main() -> None:
                 write({"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
+    daemon = os.getppid()
     for line in sys.stdin.buffer:
+        if os.getppid() != daemon:
+            # The daemon died (kill -9) with requests still in the pipe. Starting them now could
+            # run a job twice: the next daemon queues again what it finds no trace of.
+            break
         request = json.loads(line)
         env = request["env"] if request["env"] is not None else base_env.copy()
         env.update(request["extra"])

@@ -265,10 +265,14 @@ class JobQueue:
 
     # -- adding --------------------------------------------------------------------------------
 
-    async def add(self, specs: list[dict[str, Any]], rerun: bool = False) -> list[Job]:
+    async def add(self, specs: list[dict[str, Any]], rerun: bool = False,
+                  while_committing: Optional[Callable[[list[Job]], None]] = None) -> list[Job]:
         """Add jobs (specs as model.normalise leaves them); return, in request order, each job
         now in the queue (a job already queued is returned as it is; one that already completed
-        is left out unless rerun)."""
+        is left out unless rerun).
+
+        `while_committing(new_jobs)` is called while the store commits them (SQLite lets go of
+        the GIL meanwhile): a caller can prepare its reply then. The jobs are not queued yet."""
         candidates: dict[str, dict[str, Any]] = {}
         limits: dict[str, int] = {}
         for spec in specs:
@@ -311,6 +315,8 @@ class JobQueue:
         committed: Deferred[Any] = self._write(lambda conn: _insert_jobs(conn, rows, rerun, limits))
         for job in new_jobs:
             self._adding[job.key] = committed
+        if while_committing is not None:
+            while_committing(new_jobs)
         try:
             added_keys = set(await committed)
         finally:
@@ -1082,6 +1088,11 @@ def _history(conn: sqlite3.Connection, keys: list[str], groups: list[str], searc
     return {"keys": by_key, "jobs": jobs, "groups": counted}
 
 
+# Written out, not bound: SQLite uses the partial index jobs_completed only for a query whose
+# WHERE names its condition literally.
+_COMPLETED = f"state = '{model.COMPLETE}'"
+
+
 def _prune(conn: sqlite3.Connection, cutoff: Optional[float], keep: int, chunk: int) -> int:
     """Remove up to `chunk` completed jobs older than cutoff or beyond the newest `keep`."""
     clauses, params = [], []
@@ -1091,16 +1102,16 @@ def _prune(conn: sqlite3.Connection, cutoff: Optional[float], keep: int, chunk: 
     if keep:
         # The newest `keep` by (updated, seq): jobs whose ends were committed together share
         # `updated`, and seq orders them.
-        row = conn.execute("SELECT updated, seq FROM jobs WHERE state = ? ORDER BY updated DESC, seq DESC "
-                           "LIMIT 1 OFFSET ?", (model.COMPLETE, keep - 1)).fetchone()
+        row = conn.execute(f"SELECT updated, seq FROM jobs WHERE {_COMPLETED} ORDER BY updated DESC, seq DESC "
+                           "LIMIT 1 OFFSET ?", (keep - 1,)).fetchone()
         if row is not None:
             clauses.append("(updated, seq) < (?, ?)")
             params.extend(row)
     if not clauses:
         return 0
     rows = conn.execute(
-        f"SELECT key, rep_grp, exitcode, fail_reason FROM jobs WHERE state = ? AND ({' OR '.join(clauses)}) "
-        "ORDER BY updated LIMIT ?", [model.COMPLETE, *params, chunk]).fetchall()
+        f"SELECT key, rep_grp, exitcode, fail_reason FROM jobs WHERE {_COMPLETED} AND ({' OR '.join(clauses)}) "
+        "ORDER BY updated LIMIT ?", [*params, chunk]).fetchall()
     if not rows:
         return 0
     _delete_jobs(conn, [(key, (rep_grp, model.COMPLETE, exitcode, fail_reason)) for key, rep_grp, exitcode, fail_reason in rows])
