@@ -3,7 +3,7 @@
 Full size: 10,000 jobs. `--smoke`: 200 jobs and a short baseline.
 
 The daemon is the real one (tests/harness.py, under the Twisted reactor), with its default capacity
-(all cores; 0-core jobs run in 2 x cores slots). Jobs get a `cwd` in the benchmark's temporary
+(all cores; 0-core jobs run in 8 x cores slots). Jobs get a `cwd` in the benchmark's temporary
 directory so their per-job workspaces are cleaned up with it. Timed requests use a plain blocking
 http.client/ssl connection (bench/common.py: Http), not treq, so the client adds nothing to the
 daemon's figure. The clock runs from just before the POST is sent until a poll of
@@ -14,7 +14,7 @@ Baseline, measured in the same run (before and after the daemon; the mean is use
 which this machine spawns `sh -c true` with two parallel spawners, each a Python process looping
 os.posix_spawn + waitpid (what the daemon uses) as fast as it can.
 
-`--slots N` sets `[jobs] zero_core_slots` (default: the daemon's own, twice the cores), for
+`--slots N` sets `[jobs] zero_core_slots` (default: the daemon's own, eight per core), for
 experiments only; the figure in BENCHMARKS.md uses the default.
 
 Targets (issue 3): >= 1,000 jobs/s and >= 35 % of the spawn rate.
