@@ -23,10 +23,8 @@ Target (issue 3): >= 50,000 jobs/s.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from pathlib import Path
 

@@ -9,7 +9,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import sys
 
 import pytest
 import pytest_twisted

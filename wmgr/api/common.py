@@ -8,11 +8,10 @@ expect ({"error": ...} unless it says otherwise).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from klein import Klein
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as RouteNotFound
 
 from wmgr.errors import Conflict, InvalidRequest, NotFound, Unauthorized, WmgrError

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sqlite3
 import time
 from collections import ChainMap, Counter
@@ -119,20 +120,27 @@ class AdoptedRun:
 
     workspace = None
 
-    def __init__(self, files: RunFiles, pid: int, started: float, output_limit: int) -> None:
+    def __init__(self, files: RunFiles, pid: int, started: float, output_limit: int, clock: Any,
+                 kill_grace: float) -> None:
         self.files = files
         self.pid = pid
         self.started = started
         self.output_limit = output_limit
+        self._clock = clock
+        self.kill_grace = kill_grace
         self.peak_ram = 0
         self.kill_reason = ""
         self.done: Deferred[RunResult] = Deferred()
 
     def kill(self, reason: str) -> None:
-        import signal
-
+        """As JobRun.kill: TERM the group now, KILL it after the grace period."""
+        if self.done.called or not self.pid:
+            return
+        first = not self.kill_reason
         self.kill_reason = self.kill_reason or reason
-        signal_group(self.pid, signal.SIGKILL)
+        signal_group(self.pid, signal.SIGTERM)
+        if first:
+            self._clock.callLater(self.kill_grace, signal_group, self.pid, signal.SIGKILL)
 
     def gone(self) -> None:
         if self.done.called:
@@ -841,7 +849,8 @@ class JobQueue:
             self.scheduler.take(job)
             self.limits.take(job.spec.get("limit_grps") or ())
             pid = alive.get(f"{key}.{latest}", 0)
-            run = AdoptedRun(files, pid, job.started or time.time(), self.policy.output_limit)
+            run = AdoptedRun(files, pid, job.started or time.time(), self.policy.output_limit, self._reactor,
+                             self.policy.kill_grace)
             job.state = model.RUNNING
             self.runs[key] = run
             self._follow(job, run)

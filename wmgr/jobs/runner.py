@@ -10,14 +10,13 @@ or read what it left (see LocalRunner.recover).
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import secrets
 import shutil
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
