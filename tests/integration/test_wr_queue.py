@@ -212,12 +212,15 @@ async def test_behaviours_run_cleanup_and_remove(make_daemon, reactor, tmp_path)
              "on_exit": [{"run": f"echo exit >> {marks}"}, {"cleanup": True}]},
             {"cmd": "exit 2", "rep_grp": "bad",
              "on_failure": [{"run": f"echo failure >> {marks}"}, {"remove": True}]},
+            {"cmd": "echo x > kept.txt; exit 4", "rep_grp": "all", "on_failure": [{"cleanup_all": True}]},
         ])
         [ok] = await until(reactor, lambda: _state(client, "ok", "complete"))
         assert ok["Behaviours"] and "on_success" in ok["Behaviours"]
         assert not os.path.exists(ok["CwdBase"] + ok["Cwd"])  # cleaned up
         await until(reactor, _async(lambda: "failure" in _read(marks)))
         await until(reactor, lambda: _gone(client, "bad"))
+        [failed] = await until(reactor, lambda: _state(client, "all", "buried"))
+        assert not os.path.exists(failed["CwdBase"] + failed["Cwd"])  # removed, files and all
     assert _read(marks).split() == ["data", "success", "exit", "failure"] or \
         sorted(_read(marks).split()) == sorted(["data", "success", "exit", "failure"])
 
