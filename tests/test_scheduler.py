@@ -197,3 +197,23 @@ def test_a_job_that_never_fits_is_handed_out_to_be_buried():
     assert sorted(picked) == ["fine", "heavy", "huge"]
     assert s.used_cores == 1 and s.used_memory == 100
     assert s.waiting() == 0
+
+
+def test_push_new_keeps_each_shape_a_heap_and_fifo():
+    scheduler, queue = setup(cores=1)
+    # Older jobs come back one by one (a retry keeps its seq); new ones arrive in bulk, and one
+    # of them older than what is queued must still go where it belongs.
+    for seq in (50, 10, 30):
+        queue.add(job(seq=seq, name=f"k{seq}"))
+    bulk = [job(seq=seq, name=f"k{seq}") for seq in (60, 61, 5, 62)]
+    queue.jobs.update((j.key, j) for j in bulk)
+    scheduler.push_new(bulk)
+    for heap in scheduler._groups.values():
+        assert all(heap[(i - 1) // 2] <= heap[i] for i in range(1, len(heap)))
+    order = []
+    for _ in range(7):
+        [key] = queue.pick()
+        order.append(key)
+        scheduler.release(queue.jobs[key])
+        queue.jobs[key].state = model.RUNNING
+    assert order == ["k5", "k10", "k30", "k50", "k60", "k61", "k62"]

@@ -254,6 +254,25 @@ class JobQueue:
         if job.state == model.READY:
             self.scheduler.push(job)
 
+    def _index_new(self, jobs: list[Job]) -> None:
+        """_index for jobs just added (in seq order), in bulk: an add of 100,000 jobs spent a
+        tenth of its time indexing them one by one."""
+        for job in jobs:
+            job.stored = job.group_key
+            old = self.live.get(job.key)
+            if old is not None:
+                self._unindex(old)  # the completed job it runs again
+        self.live.update((job.key, job) for job in jobs)
+        by_rep_grp = self.by_rep_grp
+        for job in jobs:
+            group = by_rep_grp.get(job.spec["rep_grp"])
+            if group is None:
+                group = by_rep_grp[job.spec["rep_grp"]] = {}
+            group[job.key] = None
+            if "dep_grps" in job.spec or "deps" in job.spec:
+                self.deps.add(job)
+        self.scheduler.push_new([job for job in jobs if job.state == model.READY])
+
     def _unindex(self, job: Job) -> None:
         self.live.pop(job.key, None)
         self.deps.remove(job)
@@ -334,12 +353,7 @@ class JobQueue:
         for name, limit in limits.items():
             self.limits.set_limit(name, limit)
         added = [job for job in new_jobs if job.key in added_keys]
-        for job in added:
-            job.stored = job.group_key
-            old = self.live.get(job.key)
-            if old is not None:
-                self._unindex(old)  # the completed one it runs again
-            self._index(job)
+        self._index_new(added)
         groups = {group for job in added for group in job.spec.get("dep_grps") or ()}
         if groups:
             await self._hold_back(groups)

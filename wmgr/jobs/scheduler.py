@@ -61,6 +61,18 @@ class Scheduler:
     def push(self, job: Job) -> None:
         heapq.heappush(self._groups.setdefault(self.shape(job), []), (job.seq, job.key))
 
+    def push_new(self, jobs: list[Job]) -> None:
+        """Push jobs just added. Appending keeps a heap a heap when the new entry is not smaller
+        than its parent, which holds for jobs newer than everything queued; otherwise, push."""
+        groups = self._groups
+        for job in jobs:
+            entry = (job.seq, job.key)
+            heap = groups.setdefault(self.shape(job), [])
+            if not heap or heap[(len(heap) - 1) // 2] <= entry:
+                heap.append(entry)
+            else:
+                heapq.heappush(heap, entry)
+
     def never_fits(self, job: Job) -> bool:
         return job.cores > self.capacity.cores or job.memory > self.capacity.memory
 
