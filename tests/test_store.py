@@ -237,3 +237,18 @@ def test_open_refuses_a_newer_database(tmp_path: Any, reactor: Any) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="newer"):
         Store(path, reactor).open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_is_fsynced_when_any_write_in_it_must_be_durable(store: Store) -> None:
+    def synchronous(conn: Any) -> int:
+        return conn.execute("PRAGMA synchronous").fetchone()[0]
+
+    FULL, NORMAL = 2, 1
+    assert await bounded(store.write(synchronous, durable=False)) == NORMAL
+    assert await bounded(store.write(synchronous)) == FULL
+    gate, held = hold_writer(store)
+    mixed = [store.write(synchronous, durable=False), store.write(synchronous, durable=True)]
+    gate.release.set()
+    await bounded(held)
+    assert [await bounded(d) for d in mixed] == [FULL, FULL]

@@ -118,6 +118,7 @@ class Store:
         self._readers = ThreadPool(minthreads=1, maxthreads=readers, name="wmgr-store-read")
         self._local = threading.local()
         self.commits = 0  # transactions committed; the tests and benchmarks read it
+        self._durable = True  # what the writer connection's synchronous setting is now
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -142,12 +143,18 @@ class Store:
 
     # -- operations ----------------------------------------------------------------------------
 
-    def write(self, operation: Operation[T]) -> Deferred[T]:
-        """Run operation(conn) in the writer thread; fire with its result once committed."""
+    def write(self, operation: Operation[T], durable: bool = True) -> Deferred[T]:
+        """Run operation(conn) in the writer thread; fire with its result once committed.
+
+        durable: committed with an fsync (synchronous=FULL), so that it survives a power cut;
+        what a client is told is done must be. Otherwise the commit (synchronous=NORMAL, in WAL
+        mode) survives any crash of the daemon itself, kill -9 included, but may be lost with
+        the machine's power: right for the stream of job state changes, whose fsyncs otherwise
+        kept the disk of a busy machine saturated."""
         if self._stopped is not None:
             raise RuntimeError("the store is closed")
         d: Deferred[T] = Deferred()
-        self._queue.put((operation, d))
+        self._queue.put((operation, d, durable))
         return d
 
     def read(self, operation: Operation[T]) -> Deferred[T]:
@@ -182,11 +189,15 @@ class Store:
         conn.close()
         self._reactor.callFromThread(self._stopped.callback, None)
 
-    def _run_batch(self, conn: sqlite3.Connection, work: list[tuple[Operation[Any], Deferred[Any]]]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, work: list[tuple[Operation[Any], Deferred[Any], bool]]) -> None:
         outcomes: list[tuple[Deferred[Any], Any]] = []
+        durable = any(item[2] for item in work)
+        if durable != self._durable:
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, d in work:
+            for operation, d, _ in work:
                 conn.execute("SAVEPOINT op")
                 try:
                     result = operation(conn)
@@ -204,7 +215,7 @@ class Store:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            outcomes = [(d, failure) for _, d in work]
+            outcomes = [(d, failure) for _, d, _ in work]
         self._reactor.callFromThread(_fire_all, outcomes)
 
 

@@ -30,6 +30,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wmgr import compactjson
+
 log = Logger()
 
 _OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -163,7 +165,7 @@ class LauncherProtocol(ProcessProtocol):
         self.buffer = lines.pop()
         for line in lines:
             if line:
-                self.owner.event(json.loads(line))
+                self.owner.event(json.loads(line.decode()))  # str: json would sniff a bytes' encoding
 
     def errReceived(self, data: bytes) -> None:
         log.warn("job launcher: {text}", text=data.decode("utf-8", "replace").rstrip())
@@ -213,7 +215,7 @@ class Launcher:
         ident = next(self._ids)
         self._starting[ident] = process
         request = {"id": ident, "argv": [executable, *argv[1:]], "env": env, "extra": extra, "stdio": list(stdio)}
-        self._protocol.transport.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        self._protocol.transport.write(compactjson.dumps(request).encode() + b"\n")
         return process
 
     def event(self, event: dict[str, Any]) -> None:

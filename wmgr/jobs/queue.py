@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from wmgr import compactjson
 from wmgr.errors import Conflict, InvalidRequest
 from wmgr.jobs import model
 from wmgr.jobs.behaviours import behaviours_for, run_behaviours
@@ -181,6 +182,7 @@ class JobQueue:
         self._dirty_specs: list[tuple[str, str]] = []
         self._dirty_limits: dict[str, int] = {}
         self._flush_waiters: list[tuple[Deferred[None], bool]] = []
+        self._flush_durable = False
         self._flush_call: Any = None
         self._seq = 0
         self._schedule_call: Any = None
@@ -456,7 +458,7 @@ class JobQueue:
         for job in affected:
             self._failed(job, model.FAIL_LOST)
         if affected:
-            await self._save(affected, strict=True)
+            await self._save(affected, strict=True, durable=True)
             self._reschedule()
         return affected
 
@@ -468,7 +470,7 @@ class JobQueue:
             job.kill_reason = ""
             self._make_ready(job, save=False)
         if affected:
-            await self._save(affected, strict=True)
+            await self._save(affected, strict=True, durable=True)
             self._reschedule()
         return affected
 
@@ -524,7 +526,7 @@ class JobQueue:
         for name, limit in limits.items():
             self.limits.set_limit(name, limit)
         specs = [(_dumps(job.spec), job.key) for job in affected]
-        await self._save(affected, specs=specs, limits=limits, strict=True)
+        await self._save(affected, specs=specs, limits=limits, strict=True, durable=True)
         self._reschedule()
         return affected
 
@@ -724,13 +726,15 @@ class JobQueue:
 
     def _save(self, jobs: list[Job], samples: Iterable[tuple[str, int, float]] = (),
               specs: Iterable[tuple[str, str]] = (), limits: Optional[dict[str, int]] = None,
-              strict: bool = False) -> Deferred[None]:
+              strict: bool = False, durable: bool = False) -> Deferred[None]:
         """Write the jobs' current state (and counters), in order with every other write.
 
         Saves made in one reactor turn share one store operation, and a job saved twice in it is
         written once, as it is then (a short job's "running" and its end often meet so). The
         Deferred fires once committed. A failure is logged and surfaced as a warning; with
         `strict` it is also passed on, for callers that must not go on as if it were stored.
+        `durable` when a client will be told it is done (see Store.write): job state changes
+        that happen by themselves are not, the run's status file stands behind them.
         """
         for job in jobs:
             self._dirty[job.key] = job
@@ -741,6 +745,7 @@ class JobQueue:
             self._flush_call = self._reactor.callLater(0, self._flush)
         waiter: Deferred[None] = Deferred()
         self._flush_waiters.append((waiter, strict))
+        self._flush_durable = self._flush_durable or durable
         return waiter
 
     def _flush(self) -> None:
@@ -756,10 +761,10 @@ class JobQueue:
             changes.append((new, job.stored, _dumps(job.run_record()), job.stdout, job.stderr, job.key))
             job.stored = new
         samples, specs, limits = self._dirty_samples, self._dirty_specs, self._dirty_limits
-        waiters = self._flush_waiters
+        waiters, durable = self._flush_waiters, self._flush_durable
         self._dirty, self._dirty_samples, self._dirty_specs, self._dirty_limits = {}, [], [], {}
-        self._flush_waiters = []
-        d = self.store.write(lambda conn: _apply(conn, changes, samples, specs, limits))
+        self._flush_waiters, self._flush_durable = [], False
+        d = self.store.write(lambda conn: _apply(conn, changes, samples, specs, limits), durable=durable)
         d.addCallbacks(self._flushed, self._flush_failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
 
     @staticmethod
@@ -916,9 +921,7 @@ def _merge_groups(live: list[Job], stored_groups: list[tuple[tuple[str, int, str
     return result
 
 
-# One compact encoder made once: json.dumps builds a new one per call, which was a fifth of the
-# time of a large add (every spec is encoded to be stored).
-_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_dumps = compactjson.dumps
 
 
 async def _quietly(d: Deferred[Any]) -> None:
