@@ -110,3 +110,16 @@ class Daemon:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+async def until(reactor: Any, check: Any, timeout: float = 20.0, every: float = 0.05) -> Any:
+    """Poll `check` (a coroutine function) until it returns something truthy, and return that;
+    fail the test with the last result after `timeout` seconds. Never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting; last: {result!r}")
+        await deferLater(reactor, every, lambda: None)

@@ -3,26 +3,15 @@ and a new launcher starts the next jobs."""
 
 from __future__ import annotations
 
-import time
-
 import psutil
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
+
+from tests.harness import until
 
 pytestmark = pytest.mark.timeout(90)
 
 CONFIG = "[jobs]\nsample_interval = 0.2\nlaunchers = 1\n"
-
-
-async def until(reactor, check, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out; last: {result!r}"
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 def launchers(daemon):

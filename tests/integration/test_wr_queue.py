@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
+
+from tests.harness import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,18 +23,6 @@ retry_jitter = 0
 sample_interval = 0.2
 kill_grace = 1
 """
-
-
-async def until(reactor, check, timeout=20.0, every=0.05):
-    """Poll `check` (a coroutine function) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting; last: {result!r}")
-        await deferLater(reactor, every, lambda: None)
 
 
 async def states(client, ids):
