@@ -55,6 +55,12 @@ class FakeQueue:
         return sorted((job for job in self.jobs.values() if job.rep_grp in ids or job.key in ids),
                       key=lambda job: -job.seq)
 
+    async def forget(self, jobs: list) -> list:
+        gone = [job for job in jobs if job.state not in model.ACTIVE_STATES]
+        for job in gone:
+            del self.jobs[job.key]
+        return gone
+
     async def kill(self, jobs: list) -> list:
         affected = [job for job in jobs if job.state == model.RUNNING]
         for job in affected:
@@ -425,10 +431,13 @@ def test_dbctl() -> None:
     for do in ("save", "load"):
         result = run(pman.perform("DBctl", {"do": do}))
         assert result.status is True and result.d_ret == {pj.root: {}}
-    clear = run(pman.perform("DBctl", {"do": "clear"}))
-    assert clear.status is False and "not supported" in clear.message
     assert run(pman.perform("DBctl", {})).status is False
-    assert len(run(pman.jobs())) == 1
+    running = run(pman.run("sleep 9", {}))
+    running.job.state = model.RUNNING
+    clear = run(pman.perform("DBctl", {"do": "clear"}))
+    # Finished jobs go; a running one is a process still to be accounted for, and stays.
+    assert clear.status is True and "1 finished" in clear.message and "1 still running" in clear.message
+    assert [j.root for j in run(pman.jobs())] == [running.root]
 
 
 # -- the HTTP surface ----------------------------------------------------------------------------

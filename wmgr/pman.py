@@ -515,8 +515,13 @@ class Pman:
             # The store is written on every change and is what the daemon reads: both are done.
             return Result(True, listing, f"{do}: the job store is durable and always current")
         if do == "clear":
-            return Result(False, listing, "clear is not supported: pman jobs are jobs of the durable "
-                                          "queue and are kept with its history")
+            # pman forgot every job; a job still running here is a process, and forgetting it
+            # would leave it unaccounted for: those stay.
+            jobs = [pj.job for pj in await self.jobs()]
+            forgotten = await self.queue.forget(jobs)
+            kept = len(jobs) - len(forgotten)
+            return Result(True, (await self.get([]))[1],
+                          f"clear: {len(forgotten)} finished pman jobs removed; {kept} still running kept")
         return Result(False, listing, "DBctl needs meta.do: save, load or clear")
 
 

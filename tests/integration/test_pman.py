@@ -195,7 +195,6 @@ async def test_every_action_and_path_gets(pman: Pman) -> None:
     # DBctl, quit (not allowed by default), unknown actions and bad bodies
     for do in ("save", "load"):
         assert (await pman.action("DBctl", do=do))["status"] is True
-    assert (await pman.action("DBctl", do="clear"))["status"] is False
     refused = await pman.action("quit", saveDB=True)
     assert refused["status"] is False and "allow_quit" in refused["message"]
     unknown = await pman.action("teleport")
@@ -283,6 +282,22 @@ async def test_pfurl_hello_run_and_status(pman: Pman) -> None:
 
 
 # -- restarts and quit ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_dbctl_clear_forgets_finished_jobs_only(pman: Pman, tmp_path: Path) -> None:
+    """Last of the module's tests on the shared daemon: it empties pman's history."""
+    gate = tmp_path / "gate"
+    finished = await pman.run("true")
+    await pman.wait(finished)
+    running = await pman.run(f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    await pman.wait(running, ("started",))
+    reply = await pman.action("DBctl", do="clear")
+    assert reply["status"] is True, reply
+    assert list((await pman.get(""))["GET"]) == [running]
+    assert [job["State"] for job in await pman.client.jobs("pman")] == ["running"]
+    gate.touch()
+    assert await pman.wait(running) == "finishedSuccessfully"
 
 
 @pytest_twisted.ensureDeferred

@@ -502,6 +502,18 @@ class JobQueue:
         self._release_waiting(released)
         return list(doomed.values())
 
+    async def forget(self, jobs: list[Job]) -> list[Job]:
+        """Remove jobs that are not running, completed ones from the history too (pman's
+        DBctl clear). As with delete, a job others wait for is refused unless they go too."""
+        completed = [job for job in jobs if job.state == model.COMPLETE and job.key not in self.live]
+        removed = await self.delete([job for job in jobs if job.state != model.COMPLETE])
+        if completed:
+            items = [(job.key, job.stored) for job in completed]
+            await self._write(lambda conn: _delete_jobs(conn, items))
+            for job in completed:
+                job.state = model.DELETED
+        return removed + completed
+
     async def modify(self, jobs: list[Job], changes: dict[str, Any]) -> list[Job]:
         """PATCH: change properties of queued jobs (not running, not complete)."""
         unknown = set(changes) - set(MODIFIABLE)
