@@ -185,7 +185,6 @@ class Launcher:
         self._running: dict[int, LaunchedProcess] = {}
         self._protocol: Optional[LauncherProtocol] = None
         self._stopping = False
-        self.restarts = 0
 
     def start(self) -> None:
         self._stopping = False
@@ -200,11 +199,6 @@ class Launcher:
         self._stopping = True
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.closeStdin()
-
-    @property
-    def pid(self) -> Optional[int]:
-        transport = self._protocol.transport if self._protocol is not None else None
-        return getattr(transport, "pid", None)
 
     def spawn(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
               extra: dict[str, str], stdio: tuple[str, str, str]) -> LaunchedProcess:
@@ -243,7 +237,6 @@ class Launcher:
             process.end(None)  # never reported started: it may or may not have run
         self._starting.clear()
         if not self._stopping:
-            self.restarts += 1
             log.error("the job launcher died ({why}); starting a new one", why=reason.getErrorMessage())
             self.start()
 

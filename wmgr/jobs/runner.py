@@ -62,12 +62,16 @@ class SessionProcess(process.Process):
     # before the constructor returns; the pid it had is kept here.
     spawned_pid: int = 0
 
-    # stdin, stdout and stderr as paths, opened by the child itself (see spawn_in_session).
-    stdio: tuple[str, str, str] = ("/dev/null", "/dev/null", "/dev/null")
+    def __init__(self, reactor: Any, executable: str, argv: list[str], env: dict[str, str], protocol: Any,
+                 stdio: tuple[str, str, str]) -> None:
+        # stdin, stdout and stderr as paths, opened by the child itself; set before Twisted's
+        # constructor, which spawns.
+        self.stdio = stdio
+        super().__init__(reactor, executable, argv, env, None, protocol, childFDs={})
 
     def _trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs):  # type: ignore[override]
-        if uid is not None or gid is not None:
-            return False
+        # Always taken (wmgr never runs jobs as another user), so Twisted's fork path, which would
+        # neither make a session nor open the stdio, is never used.
         # Only the child's 0, 1 and 2 are set up, opened by the child: so a run's files exist only
         # if its process did start, which recovery relies on. Every other descriptor of the
         # daemon is close-on-exec (Python and Twisted open them so, PEP 446), so unlike Twisted we
@@ -84,11 +88,6 @@ class SessionProcess(process.Process):
         )
         self.status = -1
         return True
-
-    def _setupChild(self, fdmap):  # type: ignore[override]
-        # Only reached where posix_spawn is unavailable: the forked child makes its own session.
-        os.setsid()
-        super()._setupChild(fdmap)
 
     def reapProcess(self) -> None:
         try:
@@ -125,8 +124,7 @@ def spawn_in_session(reactor: Any, protocol: Any, executable: str, argv: list[st
     wmgr.jobs.launcher, takes the same arguments.
     """
     full = dict(os.environ if env is None else env, **extra)
-    process_class = type("StdioSessionProcess", (SessionProcess,), {"stdio": tuple(stdio)})
-    return process_class(reactor, executable, argv, full, None, protocol, childFDs={})
+    return SessionProcess(reactor, executable, argv, full, protocol, tuple(stdio))
 
 
 class JobProtocol(ProcessProtocol):
