@@ -14,10 +14,11 @@ from typing import Any, Optional
 import pytest
 from treq.testing import StubTreq
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
 from wmgr import __version__
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
-from wmgr.api.root import Root, RootApp
+from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.wr import WrAPI
 from wmgr.jobs import model
 
@@ -321,3 +322,24 @@ def test_get_incomplete_jobs_shows_statuses() -> None:
     assert plain[0]["StdOut"] == "" and plain[0]["Env"] is None
     full = call(stub, "GET", "/rest/v1/jobs/?std=true&env=true").json()
     assert full[0]["StdOut"] == "hi" and full[0]["Env"] == ["A=1"]
+
+
+class SaysWhoAsked(Resource):
+    """A surface that does its own access check: it answers with what Root told it."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"token_ok": request.wmgr_token_ok}).encode()
+
+
+def test_a_surface_with_its_own_auth_is_reached_without_the_token_and_told_whether_it_came() -> None:
+    fallback = RootApp(document([WR_PATHS, ROOT_PATHS])).app.resource()
+    stub = StubTreq(Root(TOKEN, [Surface(("open",), SaysWhoAsked(), own_auth=True),
+                                 (("rest",), make_wr(FakeQueue()).resource())], fallback))
+    assert call(stub, "GET", "/open/x", auth=None).json() == {"token_ok": False}
+    assert call(stub, "GET", "/open/x").json() == {"token_ok": True}
+    assert call(stub, "GET", "/open/x", auth="Bearer wrong").json() == {"token_ok": False}
+    # Every other surface still refuses a request without it.
+    assert call(stub, "GET", "/rest/v1/jobs/", auth=None).code == 401

@@ -8,8 +8,9 @@ root's own app, which serves /openapi.json and answers every other path with a J
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from urllib.parse import parse_qs
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Union
 
 from klein import Klein
 from twisted.logger import Logger
@@ -37,27 +38,50 @@ class RootApp:
         return json_response(request, self.openapi)
 
 
+@dataclass(frozen=True)
+class Surface:
+    """One API surface: the first path segments it owns and the resource that serves them.
+
+    With `own_auth`, Root does not refuse a request without the token: it records whether the
+    token was presented as `request.wmgr_token_ok` and leaves the decision to the surface (an API
+    whose legacy clients authenticate otherwise, or that may be configured open)."""
+
+    segments: tuple[str, ...]
+    resource: Any
+    own_auth: bool = False
+
+
+SurfaceLike = Union[Surface, tuple[Iterable[str], Any]]
+
+
 class Root(Resource):
     """Checks the token, logs one line per request, and dispatches by the first path segment."""
 
     isLeaf = True
 
-    def __init__(self, token: str, surfaces: Iterable[tuple[Iterable[str], Any]], fallback: Any) -> None:
+    def __init__(self, token: str, surfaces: Iterable[SurfaceLike], fallback: Any) -> None:
         super().__init__()
         self._token = token
-        self._fallback = fallback
-        self._surfaces: dict[bytes, Any] = {}
-        for segments, resource in surfaces:
-            for segment in segments:
-                self._surfaces[segment.encode()] = resource
+        self._fallback = Surface((), fallback)
+        self._surfaces: dict[bytes, Surface] = {}
+        for surface in surfaces:
+            if not isinstance(surface, Surface):
+                segments, resource = surface
+                surface = Surface(tuple(segments), resource)
+            for segment in surface.segments:
+                self._surfaces[segment.encode()] = surface
 
     def render(self, request: Any) -> Any:
         started = time.monotonic()
         request.notifyFinish().addBoth(self._log, request, started)
-        if request.path not in PUBLIC_PATHS and not self._authorised(request):
-            return json_response(request, {"error": "a valid token is required (Authorization: Bearer <token>)"}, 401)
         first = request.postpath[0] if request.postpath else b""
-        return self._surfaces.get(first, self._fallback).render(request)
+        surface = self._surfaces.get(first, self._fallback)
+        token_ok = request.path in PUBLIC_PATHS or self._authorised(request)
+        if surface.own_auth:
+            request.wmgr_token_ok = token_ok
+        elif not token_ok:
+            return json_response(request, {"error": "a valid token is required (Authorization: Bearer <token>)"}, 401)
+        return surface.resource.render(request)
 
     def _authorised(self, request: Any) -> bool:
         # Only the URL's own query string counts: request.args also holds the fields of a
