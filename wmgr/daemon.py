@@ -20,11 +20,14 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
+from wmgr.api.dashboard import DASHBOARD_PATHS, Dashboard
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
-from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.root import QuietSite, Root, RootApp, Surface
+from wmgr.api.sessions import Sessions
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
+from wmgr.jobs.groupcounts import CountsFeed
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
@@ -72,6 +75,7 @@ class WmgrService(MultiService):
         self.queue: Optional[JobQueue] = None
         self.launcher: Optional[LauncherPool] = None
         self._started: Optional[Deferred[None]] = None
+        self.dashboard: Optional[Dashboard] = None
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
 
@@ -122,8 +126,12 @@ class WmgrService(MultiService):
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, ROOT_PATHS])).app.resource()
-        site = QuietSite(Root(token, surfaces, fallback))
+        sessions = Sessions(self._reactor)
+        self.dashboard = Dashboard(token, sessions, CountsFeed(self.store, self._reactor, self.queue.notices.peek),
+                                   self._reactor)
+        surfaces.append(Surface(("ui", ""), self.dashboard.resource(), own_auth=True))
+        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, DASHBOARD_PATHS, ROOT_PATHS])).app.resource()
+        site = QuietSite(Root(token, surfaces, fallback, sessions))
 
         port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)
         self.ports.append(port)
@@ -176,6 +184,8 @@ class WmgrService(MultiService):
         }
 
     async def _stop(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.close()
         for port in self.ports:
             await port.stopListening()
         self.ports.clear()
