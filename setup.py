@@ -28,6 +28,9 @@ setup(
         "psutil>=5.9",
         # wr's job keys are FarmHash Fingerprint128; clients that compute keys must find their jobs.
         "pyfarmhash>=0.3",
+        # The `wmgr` command's tables and live progress bars: well kept, pure Python, no compiled
+        # parts, and it degrades to plain text when the output is not a terminal.
+        "rich>=13",
     ],
     extras_require={
         "mysql": ["pymysql>=1.1"],

@@ -244,7 +244,7 @@ async def verb_status(s: Session) -> int:
         for name, examples in details.items():
             s.out.print(detail_table(name, examples))
     for name in missing:
-        s.err.print(f"no jobs in rep group {name}")
+        sys.stderr.write(f"wmgr: no jobs in rep group {name}\n")
     return EXIT_FAILED if missing else EXIT_OK
 
 
@@ -298,7 +298,7 @@ async def wait_for_groups(s: Session) -> int:
     if s.args.json:
         s.print_json({"groups": final, "buried": buried})
     elif buried:
-        s.err.print("buried: " + ", ".join(f"{name} {n}" for name, n in buried.items()) +
+        s.err.print("wmgr: buried: " + ", ".join(f"{name} {n}" for name, n in buried.items()) +
                     " (see `wmgr status NAME`; `wmgr retry NAME` runs them again)")
     return EXIT_FAILED if buried else EXIT_OK
 
@@ -316,8 +316,7 @@ def acting_verb(method: str, suffix: str, params: dict[str, str], done: str, wha
         elif affected:
             s.out.print(f"{len(affected)} job(s) {verb_done}")
         if not affected:
-            s.err.print(f"no {verb_what} job matched {', '.join(s.args.ids)}")
-            return EXIT_FAILED
+            raise CliError(f"no {verb_what} job matched {', '.join(s.args.ids)}", EXIT_FAILED)
         return EXIT_OK
 
     return verb
