@@ -15,6 +15,7 @@ let selected = null; // the rep group shown in detail
 let category = null; // {state, exitcode, reason, count} whose jobs are listed
 let page = 0;
 let refreshTimer = null;
+let lastLoadMs = 0; // how long the open group's listing last took
 
 // -- small helpers --------------------------------------------------------------------------
 
@@ -196,9 +197,11 @@ async function dismissWarnings() {
 // -- one rep group ----------------------------------------------------------------------------
 
 function scheduleRefresh() {
-  // Counts change in bursts: refresh the open group at most once a second.
+  // Counts change in bursts: refresh the open group at most once a second, and for a group so
+  // big that listing it takes a while, at most a tenth of the time.
   if (refreshTimer) return;
-  refreshTimer = setTimeout(() => { refreshTimer = null; if (selected) loadGroup(false); }, 1000);
+  const wait = Math.max(1000, 10 * lastLoadMs);
+  refreshTimer = setTimeout(() => { refreshTimer = null; if (selected) loadGroup(false); }, wait);
 }
 
 function showGroup(name) {
@@ -240,8 +243,10 @@ async function act(method, path, verb) {
 
 async function loadGroup(withChart) {
   const name = selected;
+  const started = performance.now();
   let examples;
   try { examples = await api("GET", jobsPath(name, { limit: 1 })); } catch (e) { return; }
+  lastLoadMs = performance.now() - started;
   if (name !== selected) return;
   const tbody = $("categories").querySelector("tbody");
   tbody.replaceChildren();
