@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import parse_qs
 
 from klein import Klein
@@ -59,7 +59,7 @@ class Dashboard:
         self.feed = feed
         self._clock = clock
         self._files = {name: (static_dir / name).read_bytes() for name in STATIC_TYPES}
-        self._streams: set[Deferred[None]] = set()
+        self._streams: set[Callable[[], None]] = set()  # each open event stream's finish()
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -149,23 +149,22 @@ class Dashboard:
             unsubscribe()
             if heartbeat.running:
                 heartbeat.stop()
-            self._streams.discard(done)
+            self._streams.discard(finish)
 
         def finish() -> None:
             cleanup()
             if not done.called:
                 done.callback(b"")
 
-        done: Deferred[Any] = Deferred(lambda _: cleanup())
-        self._streams.add(done)
+        done: Deferred[Any] = Deferred(lambda _: cleanup())  # cancelled when the client goes
+        self._streams.add(finish)
         heartbeat.start(HEARTBEAT, now=False)
         return done
 
     def close(self) -> None:
         """End every open event stream (the daemon is stopping)."""
-        for stream in list(self._streams):
-            if not stream.called:
-                stream.cancel()
+        for finish in list(self._streams):
+            finish()
 
     def _require_auth(self, request: Any) -> None:
         if not getattr(request, "wmgr_token_ok", False):
