@@ -129,7 +129,7 @@ class WmgrService(MultiService):
         sessions = Sessions(self._reactor)
         self.dashboard = Dashboard(token, sessions, CountsFeed(self.store, self._reactor, self.queue.notices.peek),
                                    self._reactor)
-        surfaces.append(Surface(("ui", ""), self.dashboard.resource(), own_auth=True))
+        surfaces.append(Surface(("ui",), self.dashboard.resource(), own_auth=True))
         fallback = RootApp(document([WR_PATHS, PMAN_PATHS, DASHBOARD_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback, sessions))
 

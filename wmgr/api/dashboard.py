@@ -66,12 +66,6 @@ class Dashboard:
 
     # -- the page ------------------------------------------------------------------------------
 
-    @app.route("/", methods=["GET"])
-    def home(self, request: Any) -> bytes:
-        request.setResponseCode(303)
-        request.setHeader(b"Location", b"/ui/")
-        return b""
-
     @app.route("/ui/", methods=["GET"])
     def index(self, request: Any) -> bytes:
         return self._static(request, "index.html")
@@ -193,8 +187,6 @@ _LOGIN_BODY = {"type": "object", "properties": {"token": {"type": "string"}}, "r
 _PUBLIC: list[Any] = []
 
 DASHBOARD_PATHS: dict[str, Any] = {
-    "/": {"get": {"summary": "redirects to the dashboard (/ui/)", "security": _PUBLIC,
-                  "responses": {"303": {"description": "to /ui/"}}}},
     "/ui/": {"get": {"summary": "the dashboard page (no token needed: it asks for one)", "security": _PUBLIC,
                      "responses": {"200": {"description": "the page", "content": _HTML}}}},
     "/ui/{name}": {"get": {
