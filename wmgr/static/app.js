@@ -411,10 +411,26 @@ async function loadChart(name) {
     : "No job of this group has finished yet.";
 }
 
+// -- tabs: one view per API; another script adds its view to window.wmgr.views ---------------
+
+function showView(id) {
+  for (const tab of document.querySelectorAll("#tabs .tab")) {
+    tab.classList.toggle("active", tab.dataset.view === id);
+  }
+  for (const view of document.querySelectorAll("main .view")) view.hidden = view.id !== id;
+  const load = window.wmgr.views[id];
+  if (load) load();
+}
+
+window.wmgr = { api, el, button, seconds, views: {} };
+
 // -- wiring -----------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", async () => {
   renderLegend();
+  const tabs = document.querySelectorAll("#tabs .tab");
+  $("tabs").hidden = tabs.length < 2;
+  for (const tab of tabs) tab.addEventListener("click", () => showView(tab.dataset.view));
   $("login-form").addEventListener("submit", login);
   $("logout").addEventListener("click", logout);
   $("dismiss-warnings").addEventListener("click", dismissWarnings);
