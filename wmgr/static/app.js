@@ -62,7 +62,7 @@ async function api(method, path, body) {
     showLogin("Your session has ended: log in again.");
     throw new Error("not logged in");
   }
-  if (!response.ok) throw new Error((data && data.error) || ("HTTP " + response.status));
+  if (!response.ok) throw new Error((data && (data.error || data.message)) || ("HTTP " + response.status));
   return data;
 }
 
