@@ -399,7 +399,8 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--change-home", action="store_true", help="set HOME to the job's unique directory")
     add.add_argument("-e", "--env", action="append", metavar="NAME=VALUE",
                      help="the job's environment (repeat; given, it replaces the daemon's)")
-    add.add_argument("-d", "--deps", action="append", metavar="GROUPS", help="dependency groups to wait for (comma-separated)")
+    add.add_argument("-d", "--deps", action="append", metavar="GROUPS",
+                     help="dependency groups to wait for (comma-separated)")
     add.add_argument("--dep-grps", action="append", metavar="GROUPS", help="dependency groups these jobs belong to")
     add.add_argument("-l", "--limit-grps", action="append", metavar="GROUPS", help="limit groups, name or name:N")
     add.add_argument("--rerun", action="store_true", help="run again commands that already completed")

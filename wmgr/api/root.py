@@ -85,7 +85,8 @@ class Root(Resource):
             # another site's page made the browser send (see wmgr.api.sessions).
             verdict = self._sessions.authorise(request)
             if verdict == CROSS_ORIGIN:
-                return json_response(request, {"error": "cross-origin request refused: its Origin is not this daemon's"}, 403)
+                return json_response(request, {"error": "cross-origin request refused: its Origin is not "
+                                                        "this daemon's"}, 403)
             token_ok = verdict == SESSION_OK
         if surface.own_auth:
             request.wmgr_token_ok = token_ok
