@@ -6,6 +6,9 @@
 
 const STATES = ["complete", "buried", "lost", "running", "ready", "dependent", "delayed"];
 const PAGE = 10; // jobs per page
+// wr's limit=N has no offset: page p asks for the first (p+1)*PAGE jobs. Paging stops at the
+// first MAX_LISTED jobs of a category, so that no request lists a whole 100,000-job group.
+const MAX_LISTED = 1000;
 const CHART_SAMPLE = 200; // completed jobs drawn per chart
 const $ = (id) => document.getElementById(id);
 
@@ -285,12 +288,14 @@ async function loadJobs() {
   try { jobs = await api("GET", jobsPath(name, { state, limit: (page + 1) * PAGE })); } catch (e) { return; }
   if (name !== selected || wanted !== category) return;
   const mine = jobs.filter(sameCategory).slice(page * PAGE, (page + 1) * PAGE);
-  const pages = Math.max(1, Math.ceil(category.count / PAGE));
+  const listed = Math.min(category.count, MAX_LISTED);
+  const pages = Math.max(1, Math.ceil(listed / PAGE));
   if (page >= pages) { page = pages - 1; }
   $("job-page").hidden = false;
   $("job-page-title").textContent = category.state + " jobs" +
     (category.reason ? " (" + category.reason + ")" : "");
-  $("page-info").textContent = "page " + (page + 1) + " of " + pages + " (" + category.count + " jobs)";
+  $("page-info").textContent = "page " + (page + 1) + " of " + pages + " (" +
+    (listed < category.count ? "the first " + listed + " of " : "") + category.count + " jobs)";
   $("prev-page").disabled = page === 0;
   $("next-page").disabled = page + 1 >= pages;
   const tbody = $("jobs").querySelector("tbody");
