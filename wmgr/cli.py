@@ -9,6 +9,7 @@ rely on, never a traceback:
   1  the daemon did it but the outcome is a failure (a job buried, nothing matched, not found)
   2  usage: bad arguments, or values the daemon refused (400)
   3  cannot reach or authenticate: no daemon, refused connection, bad token, certificate mismatch
+  130  interrupted (Ctrl-C or SIGTERM)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import quote
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C
 STATES = ("complete", "buried", "lost", "running", "ready", "dependent", "delayed")
 UNFINISHED = ("lost", "running", "ready", "dependent", "delayed")
 STATE_STYLE = {"complete": "green", "buried": "red", "lost": "magenta", "running": "blue", "reserved": "blue",
@@ -374,7 +376,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="wmgr", description="Talk to the wmgr daemon: add jobs, follow them, act on them.",
         epilog="exit codes: 0 done; 1 failure (a job buried, nothing matched); 2 usage; "
-               "3 cannot reach or authenticate the daemon")
+               "3 cannot reach or authenticate the daemon; 130 interrupted")
     top.add_argument("--url", help="the daemon's base URL (default: read from DATA_DIR/wmgr.url)")
     top.add_argument("--data-dir", help="the daemon's data directory, for its URL, CA and token "
                                         "(default: $WMGR_DATA_DIR, else ~/.wmgr)")
@@ -430,10 +432,17 @@ VERBS: dict[str, Callable[[Session], Any]] = {
 
 async def run(args: argparse.Namespace, reactor: Any) -> int:
     session: Optional[Session] = None
+    # A signal stops the reactor, which drops the connection under a request or event stream: that
+    # failure is the interruption, not the daemon's doing.
+    interrupted: list[bool] = []
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted.append, True)
     try:
         session = Session(args, reactor)
         return await VERBS[args.verb](session)
     except CliError as e:
+        if interrupted:
+            sys.stderr.write("wmgr: interrupted\n")
+            return EXIT_INTERRUPTED
         sys.stderr.write(f"wmgr: {e.message}\n")
         return e.code
     except Exception as e:  # a bug: still one line, not a traceback
@@ -445,18 +454,18 @@ async def run(args: argparse.Namespace, reactor: Any) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = parser().parse_args(argv)
-    from twisted.internet.defer import ensureDeferred
-    from twisted.internet.task import react
-
-    async def body(reactor: Any) -> None:
-        code = await run(args, reactor)
-        raise SystemExit(code)
-
     try:
+        args = parser().parse_args(argv)
+        from twisted.internet.defer import ensureDeferred
+        from twisted.internet.task import react
+
+        async def body(reactor: Any) -> None:
+            raise SystemExit(await run(args, reactor))
+
         react(lambda reactor: ensureDeferred(body(reactor)))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt:  # before the reactor handles signals
+        sys.stderr.write("wmgr: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

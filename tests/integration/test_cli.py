@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import psutil
 import pytest
 import pytest_twisted
 
@@ -187,3 +189,28 @@ def test_certificate_mismatch_is_one_clear_line_and_exit_3(daemon, tmp_path):
     for name in ("wmgr.url", "client.token"):
         shutil.copy(daemon.data_dir / name, other / name)
     assert_one_clear_line(wmgr(other, "info"), 3, "certificate mismatch")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interrupted_wait_exits_130_quietly(daemon, client, reactor):
+    [job] = await client.add_jobs([{"cmd": "sleep 60"}], rep_grp="waited")
+    port = int(daemon.url.rsplit(":", 1)[1].strip("/"))
+    waiting = subprocess.Popen([sys.executable, "-m", "wmgr.cli", "status", "--wait", "waited"],
+                               env=dict(os.environ, WMGR_DATA_DIR=str(daemon.data_dir)), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        async def following() -> bool:  # connected to the daemon: the stream is open
+            process = psutil.Process(waiting.pid)
+            connections = getattr(process, "net_connections", None) or process.connections  # psutil < 6
+            return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                       for c in connections())
+        await until(reactor, following)
+        waiting.send_signal(signal.SIGINT)
+        _, err = waiting.communicate(timeout=20)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        await client.delete(f"rest/v1/jobs/{job['Key']}", params={"state": "running"})
+    assert waiting.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "wmgr: interrupted" and "Traceback" not in err
