@@ -119,7 +119,8 @@ class Session:
 
     def refused(self, reply: Any, method: str, path: str) -> CliError:
         try:
-            reason = reply.json().get("error") or reply.text
+            body = reply.json()
+            reason = body.get("error") or body.get("message") or reply.text  # wmgr's or Qserv's envelope
         except (ValueError, AttributeError):
             reason = reply.text.strip() or f"HTTP {reply.code}"
         if reply.code == 401:
