@@ -107,7 +107,8 @@ WR_PATHS.update({
         "summary": "scheduler warnings; reading them removes them",
         "responses": {"200": reply("warnings", {"type": "array", "items": _ref("Warning")}), "401": ERROR}}},
     "/rest/v1/servers/": {
-        "get": {"summary": "hosts that stopped answering (workers that went silent)",
+        "get": {"summary": "hosts reported bad; nothing reports them yet (the worker role will), so "
+                         "the list is empty today",
                 "responses": {"200": reply("bad servers", {"type": "array", "items": _ref("BadServer")}),
                               "401": ERROR}},
         "delete": {"summary": "confirm that a bad server is dead",
