@@ -180,7 +180,7 @@ async def test_exit_status_file(reactor: Any, tmp_path: Path, cmd: str, code: in
     result = await bounded(run.done)
     assert result.exitcode == code
     assert result.signal is None
-    assert Path(files.rc).read_text() == f"{code}\n"
+    assert Path(files.rc).read_text() == f"{code} {run.pid}\n"  # the status, and who ran
     assert files.exit_status() == code
 
 
@@ -303,7 +303,7 @@ def fake(tmp_path: Path) -> Any:
     clock = Clock()
     files = run_files(tmp_path)
     ws = workspace(tmp_path / "cwd", {"ONLY": "this"})
-    run = make_run(object(), files, ws, "echo hi", clock, spawn=spawner, kill_grace=5.0)
+    run = make_run(Clock(), files, ws, "echo hi", clock, spawn=spawner, kill_grace=5.0)
     return SimpleNamespace(spawner=spawner, clock=clock, files=files, ws=ws, run=run)
 
 
@@ -398,7 +398,7 @@ def test_fake_spawn_failure_propagates(fake: Any, tmp_path: Path) -> None:
     def broken(*args: Any) -> Any:
         raise OSError(2, "no such file")
 
-    run = make_run(object(), fake.files, fake.ws, "true", Clock(), spawn=broken)
+    run = make_run(Clock(), fake.files, fake.ws, "true", Clock(), spawn=broken)
     with pytest.raises(OSError):
         run.start()
     assert run.pid == 0
@@ -475,7 +475,7 @@ def test_read_bounded_replaces_bad_utf8(tmp_path: Path) -> None:
 @pytest.mark.skipif("max_time" not in inspect.signature(JobRun).parameters, reason="JobRun has no max_time")
 def test_fake_time_limit_kills_with_its_reason(tmp_path: Path, signals: list) -> None:
     spawner, clock = FakeSpawner(), Clock()
-    run = make_run(object(), run_files(tmp_path), workspace(tmp_path / "cwd"), "sleep 100", clock, spawn=spawner,
+    run = make_run(Clock(), run_files(tmp_path), workspace(tmp_path / "cwd"), "sleep 100", clock, spawn=spawner,
                    kill_grace=2.0, max_time=10.0)
     seen = outcome(run)
     pid = run.start()
@@ -492,7 +492,7 @@ def test_fake_time_limit_kills_with_its_reason(tmp_path: Path, signals: list) ->
 @pytest.mark.skipif("max_time" not in inspect.signature(JobRun).parameters, reason="JobRun has no max_time")
 def test_fake_ending_in_time_cancels_the_time_limit(tmp_path: Path, signals: list) -> None:
     spawner, clock = FakeSpawner(), Clock()
-    run = make_run(object(), run_files(tmp_path), workspace(tmp_path / "cwd"), "true", clock, spawn=spawner,
+    run = make_run(Clock(), run_files(tmp_path), workspace(tmp_path / "cwd"), "true", clock, spawn=spawner,
                    max_time=10.0)
     run.start()
     spawner.end(error.ProcessDone(0))

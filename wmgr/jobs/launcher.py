@@ -25,6 +25,7 @@ import sys
 import threading
 from typing import Any, Optional
 
+from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -35,6 +36,16 @@ from wmgr import compactjson
 log = Logger()
 
 _OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def stdio_actions(stdin: str, stdout: str, stderr: str) -> list[tuple[Any, ...]]:
+    """posix_spawn file actions that open a job's stdio in the child itself: so a run's files
+    exist only if its process did start, which recovery relies on."""
+    return [
+        (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
+        (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
+    ]
 
 
 # -- the launcher process ------------------------------------------------------------------------
@@ -85,11 +96,7 @@ def main() -> None:
             try:
                 pid = os.posix_spawn(
                     request["argv"][0], request["argv"], env,
-                    file_actions=[
-                        (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
-                        (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
-                        (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
-                    ],
+                    file_actions=stdio_actions(stdin, stdout, stderr),
                     setsid=True, setsigdef=ignored,
                 )
             except OSError as e:
@@ -185,6 +192,7 @@ class Launcher:
         self._running: dict[int, LaunchedProcess] = {}
         self._protocol: Optional[LauncherProtocol] = None
         self._stopping = False
+        self.restarts = 0
 
     def start(self) -> None:
         self._stopping = False
@@ -238,17 +246,26 @@ class Launcher:
         self._starting.clear()
         if not self._stopping:
             log.error("the job launcher died ({why}); starting a new one", why=reason.getErrorMessage())
+            self.restarts += 1
             self.start()
 
 
 
-class LauncherPool:
+class LauncherPool(Service):
     """Several launchers, one per core by default: each is one spawner (its own exec waits hold
     its own GIL), so starts proceed in parallel. A spawn goes to the launcher with the fewest
-    processes still starting."""
+    processes still starting. A Service: stopping it closes the launchers' stdin (the jobs they
+    started carry on, and the next daemon adopts them)."""
+
+    name = "launchers"
 
     def __init__(self, reactor: Any, size: int) -> None:
         self.launchers = [Launcher(reactor) for _ in range(max(1, size))]
+
+    @property
+    def restarts(self) -> int:
+        """Launchers restarted after dying, since the daemon started."""
+        return sum(launcher.restarts for launcher in self.launchers)
 
     def start(self) -> None:
         for launcher in self.launchers:
@@ -257,6 +274,14 @@ class LauncherPool:
     def stop(self) -> None:
         for launcher in self.launchers:
             launcher.stop()
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.stop()
 
     def spawn(self, *args: Any) -> LaunchedProcess:
         launcher = min(self.launchers, key=lambda each: len(each._starting))

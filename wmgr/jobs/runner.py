@@ -15,10 +15,9 @@ import secrets
 import shutil
 import signal
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import psutil
 from twisted.internet import error, process
@@ -27,22 +26,23 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wmgr.jobs.launcher import stdio_actions
+from wmgr.jobs.model import FAIL_TIME  # the reason a time limit gives (re-exported)
+
 log = Logger()
 
-# The fail reason given when a run goes past its time limit (wr's wording).
-FAIL_TIME = "command used too much time"
 
 # The wrapper runs the command in the same shell (one exec per job, which matters for throughput)
-# and records the status with an EXIT trap, which runs on a normal end and on `exit N` alike. A
-# job killed by a signal leaves no status file: its absence means "did not finish by itself".
+# and records the status, and its own pid (the job's), with an EXIT trap, which runs on a normal
+# end and on `exit N` alike. A job killed by a signal leaves no status file: its absence means
+# "did not finish by itself". The pid lets a restarted daemon say which process ran a job whose
+# start it never recorded.
 WRAPPER = (
     'cd -- "$1" || exit 1; _wmgr_rc=$2; _wmgr_cmd=$3; set --; '
-    "trap 'echo $? > \"$_wmgr_rc\"' EXIT; eval \"$_wmgr_cmd\""
+    "trap 'echo $? $$ > \"$_wmgr_rc\"' EXIT; eval \"$_wmgr_cmd\""
 )
 SHELL = "/bin/sh"
 ARGV0 = "wmgr-job"
-
-_OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
 # How much of each stream is kept: this many bytes from the start and as many from the end.
 DEFAULT_OUTPUT_LIMIT = 4096
@@ -76,12 +76,7 @@ class SessionProcess(process.Process):
         # if its process did start, which recovery relies on. Every other descriptor of the
         # daemon is close-on-exec (Python and Twisted open them so, PEP 446), so unlike Twisted we
         # do not list and fcntl every open descriptor before each spawn: that was most of its cost.
-        stdin, stdout, stderr = self.stdio
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
-            (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
-        ]
+        actions = stdio_actions(*self.stdio)
         self.pid = self.spawned_pid = os.posix_spawn(
             executable, args, os.environ if environment is None else environment,
             file_actions=actions, setsigdef=_ignored_signals(), setsid=True,
@@ -179,11 +174,28 @@ class RunFiles:
                 pass
 
     def exit_status(self) -> Optional[int]:
+        return self.exit_record()[0]
+
+    def exit_record(self) -> tuple[Optional[int], int]:
+        """(exit status, pid of the job) from the status file; (None, 0) when there is none."""
         try:
             with open(self.rc) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
+                fields = f.read().split()
+            return int(fields[0]), int(fields[1]) if len(fields) > 1 else 0
+        except (OSError, ValueError, IndexError):
+            return None, 0
+
+    def created(self) -> Optional[float]:
+        """The earliest modification time of the run's files: no later than the first output,
+        and the start itself for a stream never written to (best known start of a run whose
+        start was not recorded)."""
+        times = []
+        for path in (self.out, self.err, self.rc):
+            try:
+                times.append(os.stat(path).st_mtime)
+            except OSError:
+                pass
+        return min(times) if times else None
 
 
 def read_bounded(path: Path | str, limit: int) -> str:
@@ -263,6 +275,36 @@ def remove_tmp(tmp: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class GroupKill:
+    """Killing a job's process group: TERM now, KILL once the grace period has passed (a pending
+    KILL is left to fire even once the shell has gone: what it started may ignore the TERM)."""
+
+    def __init__(self, clock: Any, grace: float) -> None:
+        self._clock = clock
+        self.grace = grace
+        self._kill_call: Any = None
+
+    def __call__(self, pid: int) -> None:
+        signal_group(pid, signal.SIGTERM)
+        if self._kill_call is None:
+            self._kill_call = self._clock.callLater(self.grace, signal_group, pid, signal.SIGKILL)
+
+
+class Run(Protocol):
+    """What the queue needs of a run, local (JobRun) or adopted from an earlier daemon
+    (AdoptedRun): `done` fires once with a RunResult."""
+
+    files: RunFiles
+    workspace: Optional[Workspace]
+    pid: int
+    peak_ram: int
+    done: Deferred[RunResult]
+
+    def kill(self, reason: str) -> None: ...
+
+    def gone(self) -> None: ...
+
+
 class JobRun:
     """The owner of one running process: starts it, kills it (TERM, then KILL after a grace
     period, to the whole process group), and fires `done` exactly once with a RunResult."""
@@ -296,7 +338,7 @@ class JobRun:
         self.started = 0.0
         self.peak_ram = 0
         self.kill_reason = ""
-        self._kill_call: Any = None
+        self._group_kill = GroupKill(self._clock, kill_grace)
         self._finished = False
         self._transport: Any = None
         self.on_started: Optional[Callable[[int], None]] = None
@@ -308,7 +350,7 @@ class JobRun:
         except FileNotFoundError:
             pass
         argv = [SHELL, "-c", WRAPPER, ARGV0, self.workspace.cwd, self.files.rc, self.cmd]
-        self.started = time.time()
+        self.started = self._reactor.seconds()
         if self.max_time is not None:
             self._time_call = self._clock.callLater(self.max_time, self.kill, FAIL_TIME)
         self._transport = self._spawn(
@@ -341,9 +383,7 @@ class JobRun:
         self.kill_reason = self.kill_reason or reason
         if not self.pid:
             return  # not running yet: done as soon as it is (see _process_started)
-        signal_group(self.pid, signal.SIGTERM)
-        if self._kill_call is None:
-            self._kill_call = self._clock.callLater(self.kill_grace, signal_group, self.pid, signal.SIGKILL)
+        self._group_kill(self.pid)
 
     def _process_ended(self, reason: Failure, rusage: Any) -> None:
         if self._finished:
@@ -369,7 +409,7 @@ class JobRun:
             exitcode=exitcode if sig is None else None,
             signal=sig,
             started=self.started,
-            ended=time.time(),
+            ended=self._reactor.seconds(),
             cpu_time=cpu,
             peak_ram=peak,
             stdout=read_bounded(self.files.out, self.output_limit),
@@ -378,6 +418,43 @@ class JobRun:
             lost=lost and not self.kill_reason,
         )
         self.done.callback(result)
+
+
+class AdoptedRun:
+    """A job process found alive after a restart, or whose end an earlier daemon never recorded.
+    It is not our child, so it cannot be waited for: the sampler reports when it has gone, and
+    its status file and output tell the rest."""
+
+    workspace = None
+
+    def __init__(self, files: RunFiles, pid: int, started: float, output_limit: int, clock: Any,
+                 kill_grace: float) -> None:
+        self.files = files
+        self.pid = pid
+        self.started = started
+        self.output_limit = output_limit
+        self._clock = clock
+        self._group_kill = GroupKill(clock, kill_grace)
+        self.peak_ram = 0
+        self.kill_reason = ""
+        self.done: Deferred[RunResult] = Deferred()
+
+    def kill(self, reason: str) -> None:
+        if self.done.called or not self.pid:
+            return
+        self.kill_reason = self.kill_reason or reason
+        self._group_kill(self.pid)
+
+    def gone(self) -> None:
+        if self.done.called:
+            return
+        exitcode, _pid = self.files.exit_record()
+        self.done.callback(RunResult(
+            exitcode=exitcode, signal=None, started=self.started, ended=self._reactor.seconds(),
+            peak_ram=self.peak_ram, stdout=read_bounded(self.files.out, self.output_limit),
+            stderr=read_bounded(self.files.err, self.output_limit),
+            kill_reason=self.kill_reason, lost=exitcode is None and not self.kill_reason,
+        ))
 
 
 def signal_group(pgid: int, sig: int) -> None:
