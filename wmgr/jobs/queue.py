@@ -133,7 +133,7 @@ class JobQueue(Service):
 
     def __init__(self, store: Store, run_dir: Path, reactor: Any, capacity: Capacity,
                  policy: Optional[QueuePolicy] = None, spawn: Callable[..., Any] = spawn_in_session,
-                 host: Optional[tuple[str, str]] = None) -> None:
+                 host: Optional[tuple[str, str]] = None, in_thread: Callable[..., Deferred[Any]] = deferToThread) -> None:
         self.run_dir = Path(run_dir)
         self._reactor = reactor
         self.policy = policy or QueuePolicy.from_config()
@@ -145,6 +145,7 @@ class JobQueue(Service):
         self.journal = Journal(store, reactor, on_failure=self.notices.warn)
         self.counters = Counters()
         self._spawn = spawn
+        self._in_thread = in_thread  # blocking work (psutil, listing the run directory)
         self.host, self.host_ip = host or host_identity()
         self.live: dict[str, Job] = {}
         self.by_rep_grp: dict[str, dict[str, None]] = {}
@@ -721,7 +722,7 @@ class JobQueue(Service):
         if not runs:
             return
         runs = {key: run for key, run in runs.items() if run.pid}
-        sizes = await deferToThread(measure_trees, [run.pid for run in runs.values()])
+        sizes = await self._in_thread(measure_trees, [run.pid for run in runs.values()])
         for key, run in runs.items():
             size = sizes.get(run.pid)
             job = self.live.get(key)
@@ -755,7 +756,7 @@ class JobQueue(Service):
     async def _recover(self) -> None:
         """Settle every job an earlier daemon may have started (see recovery.py): mark lost the
         ones that never ran, adopt the ones still running, record the end of the others."""
-        settlement = await recovery.survey(self.run_dir, self.live, self._reactor)
+        settlement = await recovery.survey(self.run_dir, self.live, self._reactor, self._in_thread)
         for job in settlement.lost:
             job.state, job.fail_reason = model.LOST, model.FAIL_LOST
             self.counters.failed += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.threads import deferToThread
 
@@ -41,15 +41,16 @@ class Settlement:
     adopted: list[Adoption] = field(default_factory=list)
 
 
-async def survey(run_dir: Path, live: dict[str, Job], clock: Any) -> Settlement:
+async def survey(run_dir: Path, live: dict[str, Job], clock: Any,
+                 in_thread: Callable[..., Any] = deferToThread) -> Settlement:
     """What an earlier daemon left in run_dir, for the live jobs loaded from the store.
     Leftover files of runs whose end is stored are removed here."""
     settlement = Settlement()
-    with_files = await deferToThread(run_files_in, run_dir)
+    with_files = await in_thread(run_files_in, run_dir)
     started = {key for key, job in live.items() if job.state in model.ACTIVE_STATES}
     if not (with_files.keys() | started):
         return settlement
-    alive = await deferToThread(find_job_processes, run_dir)
+    alive = await in_thread(find_job_processes, run_dir)
     for key in sorted(with_files.keys() | started):
         job = live.get(key)
         attempts = with_files.get(key, [])

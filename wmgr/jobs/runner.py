@@ -450,7 +450,7 @@ class AdoptedRun:
             return
         exitcode, _pid = self.files.exit_record()
         self.done.callback(RunResult(
-            exitcode=exitcode, signal=None, started=self.started, ended=self._reactor.seconds(),
+            exitcode=exitcode, signal=None, started=self.started, ended=self._clock.seconds(),
             peak_ram=self.peak_ram, stdout=read_bounded(self.files.out, self.output_limit),
             stderr=read_bounded(self.files.err, self.output_limit),
             kill_reason=self.kill_reason, lost=exitcode is None and not self.kill_reason,
