@@ -431,3 +431,26 @@ def test_policy_defaults_are_the_configs() -> None:
     config = Config(data_dir=Path("."), retry_base=7.0)
     assert QueuePolicy.from_config(config).retry_base == 7.0
     assert QueuePolicy.from_config().retry_base == Config(data_dir=Path(".")).retry_base
+
+
+def test_a_job_the_launcher_cannot_start_is_buried_with_the_reason(h: Harness) -> None:
+    """E2BIG (a 200 KB command) is not "command not found", 127 (issue 9, item 8)."""
+    h.queue._spawn = lambda reactor, protocol, *args: protocol.startFailed("Argument list too long (E2BIG)")
+    (job,) = h.add({"cmd": "echo " + "x" * 200_000, "retries": 3})
+    h.settle()
+    assert job.state == model.BURIED and job.fail_reason == model.FAIL_START
+    assert job.stderr == "Argument list too long (E2BIG)" and job.exitcode != 127
+    assert h.queue.counters.failed == 1
+
+
+def test_a_spawn_that_raises_value_error_fails_its_job_only(h: Harness) -> None:
+    def spawn(reactor: Any, protocol: Any, executable: str, argv: list[str], *rest: Any) -> Any:
+        if argv[-1] == "bad":  # as posix_spawn does for a NUL byte or lone surrogate in env
+            raise ValueError("embedded null byte")
+        return h.spawner(reactor, protocol, executable, argv, *rest)
+
+    h.queue._spawn = spawn
+    bad, good = h.add({"cmd": "bad"}, {"cmd": "good"})
+    h.settle()
+    assert bad.state == model.BURIED and bad.fail_reason == model.FAIL_START
+    assert good.state == model.RUNNING

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
@@ -34,7 +33,9 @@ from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
 from wmgr.store import Store
-from wmgr.tls import ServerTLS, write_public
+from wmgr.files import write_public
+from wmgr.host import host_name
+from wmgr.tls import ServerTLS
 
 log = Logger()
 
@@ -182,7 +183,7 @@ class WmgrService(MultiService):
         assert self.queue is not None
         return {
             "Addr": f"{url_host(self.config.interface)}:{self.port}",
-            "Host": socket.gethostname(),
+            "Host": host_name(),
             "Port": str(self.port),
             "WebPort": str(self.port),
             "PID": os.getpid(),

@@ -17,9 +17,11 @@ Events:    {"id": 7, "pid": 1234} | {"id": 7, "error": "..."} | {"pid": 1234, "s
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,6 +30,7 @@ from typing import Any, Optional
 from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.protocol import ProcessProtocol
+from twisted.protocols.basic import LineReceiver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -86,26 +89,44 @@ def main() -> None:
             # The daemon died (kill -9) with requests still in the pipe. Starting them now could
             # run a job twice: the next daemon queues again what it finds no trace of.
             break
-        request = json.loads(line)
-        env = request["env"] if request["env"] is not None else base_env.copy()
-        env.update(request["extra"])
-        stdin, stdout, stderr = request["stdio"]
         # The lock is held from the spawn until its pid is reported, so that a process that ends
         # at once is never reported ended before it is reported started.
         with lock:
             try:
+                request = json.loads(line)
+                env = request["env"] if request["env"] is not None else base_env.copy()
+                env.update(request["extra"])
+                stdin, stdout, stderr = request["stdio"]
                 pid = os.posix_spawn(
                     request["argv"][0], request["argv"], env,
                     file_actions=stdio_actions(stdin, stdout, stderr),
                     setsid=True, setsigdef=ignored,
                 )
-            except OSError as e:
-                write({"id": request["id"], "error": str(e)})
+            except Exception as e:
+                # Whatever one request makes posix_spawn (or its arguments) raise -- E2BIG, a NUL
+                # byte or a lone surrogate in a value, a malformed request -- fails that job only.
+                write({"id": _request_id(line), "error": _describe(e)})
                 continue
             with children:
                 running[0] += 1
                 children.notify()
             write({"id": request["id"], "pid": pid})
+
+
+def _request_id(line: bytes) -> Optional[int]:
+    try:
+        return int(json.loads(line)["id"])
+    except Exception:
+        match = re.search(rb'"id":(\d+)', line)
+        return int(match.group(1)) if match else None
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
+    if isinstance(e, (ValueError, UnicodeError)):
+        return f"invalid value: {e}"
+    return f"{type(e).__name__}: {e}"
 
 
 # -- the daemon's side ---------------------------------------------------------------------------
@@ -135,6 +156,13 @@ class LaunchedProcess:
         self.pid = pid
         self.proto.makeConnection(self)
 
+    def not_started(self, why: str) -> None:
+        """The launcher could not start it (E2BIG, a value posix_spawn refuses...)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.proto.startFailed(why)
+
     def end(self, status: Optional[int], cpu: float = 0.0) -> None:
         """status: as from wait4; None when it is not known how the process ended."""
         if self.ended:
@@ -160,19 +188,35 @@ class LaunchedProcess:
         pass
 
 
+class _EventLines(LineReceiver):
+    """The launcher's stdout, framed into lines: one JSON event each (as procmon's LineLogger
+    frames a child's output)."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, owner: "Launcher") -> None:
+        self.owner = owner
+
+    def lineReceived(self, line: bytes) -> None:
+        if line:
+            self.owner.event(json.loads(line.decode()))  # str: json would sniff a bytes' encoding
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.error("the job launcher wrote a line of {n} bytes; ignored", n=len(line))
+
+
 class LauncherProtocol(ProcessProtocol):
     """The launcher process's protocol: JSON lines of events in, to its owner."""
 
     def __init__(self, owner: "Launcher") -> None:
         self.owner = owner
-        self.buffer = b""
+        # Not connected to the process transport, as procmon's LineLogger is not: the lines only
+        # need framing, and a line receiver without a transport never tries to close one.
+        self.lines = _EventLines(owner)
 
     def outReceived(self, data: bytes) -> None:
-        lines = (self.buffer + data).split(b"\n")
-        self.buffer = lines.pop()
-        for line in lines:
-            if line:
-                self.owner.event(json.loads(line.decode()))  # str: json would sniff a bytes' encoding
+        self.lines.dataReceived(data)
 
     def errReceived(self, data: bytes) -> None:
         log.warn("job launcher: {text}", text=data.decode("utf-8", "replace").rstrip())
@@ -227,7 +271,7 @@ class Launcher:
                 return
             if "error" in event:
                 log.warn("the launcher could not start a job: {error}", error=event["error"])
-                process.end(127 << 8)  # as a shell reports a command it cannot run
+                process.not_started(event["error"])
                 return
             self._running[event["pid"]] = process
             process.started(event["pid"])

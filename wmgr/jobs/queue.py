@@ -36,12 +36,13 @@ from wmgr.errors import Conflict, InvalidRequest
 from wmgr.jobs import model, reads, recovery
 from wmgr.jobs.behaviours import behaviours_for, run_behaviours
 from wmgr.jobs.deps import DependencyIndex
+from wmgr.host import host_identity
 from wmgr.jobs.journal import Journal, dumps, row_to_job
 from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
 from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job
 from wmgr.jobs.runner import (
-    JobRun, Run, RunFiles, RunResult, host_identity, measure_trees, prepare_workspace, remove_tmp,
+    JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp,
     spawn_in_session,
 )
 from wmgr.jobs.scheduler import Capacity, Scheduler
@@ -591,9 +592,9 @@ class JobQueue(Service):
             return
         try:
             workspace = prepare_workspace(job.key, job.spec)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (a NUL byte...)
             self._release(job)
-            self._end_without_run(job, model.FAIL_CWD if e.errno == 2 else model.FAIL_START, str(e))
+            self._end_without_run(job, model.FAIL_CWD if getattr(e, "errno", None) == 2 else model.FAIL_START, str(e))
             return
         max_time = None
         if self.policy.enforce_limits and job.spec["time"] > 0:
@@ -603,7 +604,7 @@ class JobQueue(Service):
                      spawn=self._spawn, max_time=max_time)
         try:
             run.start()
-        except OSError as e:
+        except (OSError, ValueError) as e:  # E2BIG, a NUL byte or lone surrogate in env or cmd...
             self._release(job)
             run.files.remove()
             self.notices.warn(f"could not start a job's command: {e}")
@@ -685,6 +686,12 @@ class JobQueue(Service):
         job.exitcode = result.exitcode if result.exitcode is not None else -1
         job.kill_reason = result.kill_reason
         walltime = job.walltime(result.ended)
+        if result.start_error:
+            # Not the command's failure: it never ran (E2BIG...). Retrying cannot help.
+            self.counters.failed += 1
+            job.state, job.fail_reason, job.exited = model.BURIED, model.FAIL_START, False
+            job.stderr = result.start_error
+            return []
         if result.kill_reason == model.FAIL_KILLED:
             self._failed(job, model.FAIL_KILLED, permanent=True)
         elif result.kill_reason in (model.FAIL_RAM, model.FAIL_TIME):

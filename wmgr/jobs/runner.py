@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -25,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
 
 from wmgr.jobs.launcher import stdio_actions
 from wmgr.jobs.model import FAIL_TIME  # the reason a time limit gives (re-exported)
@@ -134,6 +134,10 @@ class JobProtocol(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.run._process_ended(reason, getattr(self.transport, "rusage", None))
 
+    def startFailed(self, why: str) -> None:
+        """The launcher could not start the process at all (see LaunchedProcess.not_started)."""
+        self.run._start_failed(why)
+
 
 @dataclass
 class RunResult:
@@ -150,6 +154,7 @@ class RunResult:
     stderr: str = ""
     kill_reason: str = ""
     lost: bool = False
+    start_error: str = ""  # the process could not be started: why
 
 
 class RunFiles:
@@ -385,6 +390,15 @@ class JobRun:
             return  # not running yet: done as soon as it is (see _process_started)
         self._group_kill(self.pid)
 
+    def _start_failed(self, why: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._time_call is not None and self._time_call.active():
+            self._time_call.cancel()
+        now = self._reactor.seconds()
+        self.done.callback(RunResult(exitcode=None, signal=None, started=self.started, ended=now, start_error=why))
+
     def _process_ended(self, reason: Failure, rusage: Any) -> None:
         if self._finished:
             return
@@ -517,14 +531,3 @@ def find_job_processes(run_dir: Path) -> dict[str, int]:
             if name.endswith(".rc"):
                 found[name[:-3]] = proc.info["pid"]
     return found
-
-
-def host_identity() -> tuple[str, str]:
-    """This machine's name and an address other hosts could reach it by (best effort)."""
-    host = socket.gethostname()
-    address = "127.0.0.1"
-    for addresses in psutil.net_if_addrs().values():
-        for entry in addresses:
-            if entry.family == socket.AF_INET and not entry.address.startswith("127."):
-                return host, entry.address
-    return host, address
