@@ -454,3 +454,15 @@ def test_a_spawn_that_raises_value_error_fails_its_job_only(h: Harness) -> None:
     h.settle()
     assert bad.state == model.BURIED and bad.fail_reason == model.FAIL_START
     assert good.state == model.RUNNING
+
+
+def test_a_jobs_directory_goes_when_it_ends_unless_it_asks_to_keep_it(h: Harness) -> None:
+    """wr_cwd directories must not pile up (issue 9, item 10)."""
+    plain, kept = h.add({"cmd": "plain"}, {"cmd": "kept", "on_exit": [{"nothing": True}]})
+    h.settle()
+    plain_dir, kept_dir = (job.spec["cwd"] + job.actual_cwd for job in (plain, kept))
+    assert os.path.isdir(plain_dir) and os.path.isdir(kept_dir)
+    h.end("plain")
+    h.end("kept")
+    assert not os.path.exists(os.path.dirname(plain_dir))
+    assert os.path.isdir(kept_dir) and not os.path.exists(os.path.join(os.path.dirname(kept_dir), "tmp"))

@@ -491,3 +491,34 @@ def test_fake_ending_in_time_cancels_the_time_limit(tmp_path: Path, signals: lis
     assert clock.getDelayedCalls() == []
     clock.advance(100)
     assert signals == []
+
+
+# -- the daemon user's own base for job directories (issue 9, item 10) ----------------------------
+
+
+def test_job_directories_are_made_in_a_private_base(tmp_path: Path) -> None:
+    ws = prepare_workspace(KEY, {"cwd": str(tmp_path), "env": None})
+    base = tmp_path / "wr_cwd"
+    assert ws.base == str(base) and ws.cwd.startswith(str(base) + "/") and ws.relative_cwd.startswith("/wr_cwd/")
+    info = base.lstat()
+    assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("planted", ["symlink", "other_owner"])
+def test_a_base_planted_by_someone_else_is_never_used(tmp_path: Path, planted: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    cwd = tmp_path / "shared"
+    cwd.mkdir()
+    if planted == "symlink":
+        (cwd / "wr_cwd").symlink_to(elsewhere)
+    else:
+        if os.getuid() != 0:
+            pytest.skip("making a directory owned by another user needs root")
+        (cwd / "wr_cwd").mkdir(mode=0o777)
+        os.chown(cwd / "wr_cwd", 65534, 65534)
+    ws = prepare_workspace(KEY, {"cwd": str(cwd), "env": None})
+    own = cwd / f"wr_cwd.{os.getuid()}"
+    assert ws.base == str(own) and ws.cwd.startswith(str(own) + "/")
+    assert ws.relative_cwd.startswith(f"/wr_cwd.{os.getuid()}/")
+    assert list(elsewhere.iterdir()) == [] and own.lstat().st_mode & 0o777 == 0o700

@@ -42,7 +42,7 @@ from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
 from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job
 from wmgr.jobs.runner import (
-    JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp,
+    JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp, remove_workdir,
     spawn_in_session,
 )
 from wmgr.jobs.scheduler import Capacity, Scheduler
@@ -650,15 +650,21 @@ class JobQueue(Service):
             workspace = run.workspace
             root = os.path.dirname(workspace.cwd) if workspace.tmp else None
             outcome = await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root,
-                                           os.path.join(job.spec["cwd"], "wr_cwd"))
+                                           workspace.base)
             remove = outcome.remove
         self.runs.pop(job.key, None)
         self._release(job)
         # The slot is free now: the next job need not wait for this one's end to be committed.
         self._reschedule()
         samples = self._record(job, result)
-        if run.workspace is not None and run.workspace.tmp:
-            remove_tmp(run.workspace.tmp)
+        workspace = run.workspace
+        if workspace is not None and workspace.tmp:
+            # The job's own behaviours decide what becomes of its directory (cleanup removes it,
+            # others such as {"nothing": true} keep it); without any it goes, as wr's CLI default.
+            if behaviours or workspace.root is None:
+                remove_tmp(workspace.tmp)
+            else:
+                remove_workdir(workspace.root)
         # Only once the end is committed may the files that also record it go (see _recover).
         await self._save([job], samples=samples, strict=True)
         run.files.remove()

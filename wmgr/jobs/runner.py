@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -233,6 +234,8 @@ class Workspace:
     exact_env: Optional[dict[str, str]]
     extra_env: dict[str, str]
     home_changed: bool
+    root: Optional[str] = None  # the unique directory wmgr made (cwd and tmp are in it)
+    base: Optional[str] = None  # the daemon user's own directory the unique ones are made in
 
     @property
     def env(self) -> dict[str, str]:
@@ -240,6 +243,33 @@ class Workspace:
 
 
 _made_parents: set[str] = set()
+_bases: dict[str, tuple[str, str]] = {}
+
+
+def work_base(cwd: str) -> tuple[str, str]:
+    """The directory under `cwd` in which this daemon's user makes jobs' unique directories, and
+    its name: wr's `wr_cwd` when it is ours, else (another user made `wr_cwd`, in a shared /tmp)
+    `wr_cwd.<uid>`. Made 0700; used only if it is a real directory owned by this user, so that
+    nobody else can see into, or plant anything in, a job's directory."""
+    found = _bases.get(cwd)
+    if found is not None:
+        return found
+    uid = os.getuid()
+    os.makedirs(cwd, exist_ok=True)  # as wr's runner does for a cwd that does not exist yet
+    for name in ("wr_cwd", f"wr_cwd.{uid}"):
+        path = os.path.join(cwd, name)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+            if info.st_mode & 0o077:
+                os.chmod(path, 0o700)
+            _bases[cwd] = (path, name)
+            return path, name
+        log.warn("{path} belongs to another user (or is not a directory): not used for jobs", path=path)
+    raise PermissionError(errno.EACCES, "no job directory of this user's can be made in", cwd)
 
 
 def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
@@ -251,7 +281,8 @@ def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
         if not os.path.isdir(base):
             raise FileNotFoundError(errno.ENOENT, "working directory does not exist", base)
         return Workspace(base, "", None, exact, {}, False)
-    parent = os.path.join(base, "wr_cwd", key[0], key[1], key[2])
+    own, name = work_base(base)
+    parent = os.path.join(own, key[0], key[1], key[2])
     if parent not in _made_parents:
         os.makedirs(parent, exist_ok=True)
         _made_parents.add(parent)
@@ -259,7 +290,9 @@ def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
     root = os.path.join(parent, unique)
     try:
         os.mkdir(root)
-    except FileNotFoundError:  # the parent was removed since (a cleanup): make it again
+    except FileNotFoundError:  # removed since (a cleanup): check the base again, make it again
+        _bases.pop(base, None)
+        own, name = work_base(base)
         os.makedirs(root)
     cwd, tmp = os.path.join(root, "cwd"), os.path.join(root, "tmp")
     os.mkdir(cwd)
@@ -268,7 +301,13 @@ def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
     home_changed = bool(spec.get("change_home"))
     if home_changed:
         extra["HOME"] = cwd
-    return Workspace(cwd, f"/wr_cwd/{key[0]}/{key[1]}/{key[2]}/{unique}/cwd", tmp, exact, extra, home_changed)
+    return Workspace(cwd, f"/{name}/{key[0]}/{key[1]}/{key[2]}/{unique}/cwd", tmp, exact, extra, home_changed,
+                     root, own)
+
+
+def remove_workdir(root: str) -> None:
+    """A job's unique directory, once it has ended (its parents are bounded: 4,096 at most)."""
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def remove_tmp(tmp: str) -> None:
