@@ -21,9 +21,7 @@ daemon left), reads.py (finding jobs), runner.py and launcher.py (processes).
 from __future__ import annotations
 
 import os
-import random
 from collections import ChainMap
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -33,14 +31,16 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from wmgr.errors import Conflict, InvalidRequest
+from wmgr.host import host_identity
 from wmgr.jobs import model, reads, recovery
 from wmgr.jobs.behaviours import behaviours_for, run_behaviours
 from wmgr.jobs.deps import DependencyIndex
-from wmgr.host import host_identity
 from wmgr.jobs.journal import Journal, dumps, row_to_job
 from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
 from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job
+from wmgr.jobs.notices import Notices
+from wmgr.jobs.policy import QueuePolicy
 from wmgr.jobs.runner import (
     JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp, remove_workdir,
     spawn_in_session,
@@ -54,65 +54,6 @@ log = Logger()
 # them is adding another job.
 MODIFIABLE = ("priority", "retries", "memory", "time", "cpus", "disk", "override", "limit_grps", "env",
               "rep_grp", "req_grp", "on_failure", "on_success", "on_exit", "change_home")
-
-
-@dataclass
-class QueuePolicy:
-    """How the queue treats jobs. Every field is a setting of wmgr.config.Config (documented in
-    etc/wmgr.cnf), with its default stated there only: build one with `from_config`."""
-
-    output_limit: int
-    kill_grace: float
-    # Retry back-off: base * 2^(failures-1), capped, plus up to `retry_jitter` of itself at random.
-    retry_base: float
-    retry_cap: float
-    retry_jitter: float
-    # Limits: a run over its memory or time by more than the margin is stopped.
-    enforce_limits: bool
-    memory_margin: float
-    time_margin: float
-    # History pruning: completed jobs older than max_age seconds, or beyond the newest max_count,
-    # are removed (0: keep).
-    history_max_age: float
-    history_max_count: int
-
-    @classmethod
-    def from_config(cls, config: Any = None, **overrides: Any) -> "QueuePolicy":
-        """The policy of a Config (the defaults' when None), with some fields overridden."""
-        if config is None:
-            from wmgr.config import Config
-
-            config = Config(data_dir=Path("."))
-        values = {f.name: getattr(config, f.name) for f in fields(cls)}
-        values.update(overrides)
-        return cls(**values)
-
-    def backoff(self, failures: int) -> float:
-        delay = min(self.retry_cap, self.retry_base * 2 ** max(0, failures - 1))
-        return delay + random.uniform(0, delay * self.retry_jitter)
-
-
-class Notices:
-    """Scheduler warnings for GET /rest/v1/warnings/: one entry per distinct message, with its
-    first and last time and count; reading them removes them (as wr does)."""
-
-    def __init__(self, clock: Any) -> None:
-        self._clock = clock
-        self._entries: dict[str, list[Any]] = {}
-
-    def warn(self, message: str) -> None:
-        now = int(self._clock.seconds())
-        entry = self._entries.get(message)
-        if entry is None:
-            self._entries[message] = [now, now, 1]
-            log.warn("{message}", message=message)
-        else:
-            entry[1] = now
-            entry[2] += 1
-
-    def take(self) -> list[dict[str, Any]]:
-        entries, self._entries = self._entries, {}
-        return [{"Msg": m, "FirstDate": e[0], "LastDate": e[1], "Count": e[2]} for m, e in entries.items()]
 
 
 class Counters:
