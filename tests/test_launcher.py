@@ -69,6 +69,20 @@ async def test_one_bad_spawn_fails_alone(launcher: Launcher, reactor: Any, tmp_p
     assert launcher.restarts == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_launcher_removes_a_jobs_directory_before_it_reports_the_end(
+        launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
+    workdir = tmp_path / "wr_cwd" / "job"
+    (workdir / "cwd").mkdir(parents=True)
+    recorder = Recorder()
+    stdio = ("/dev/null", str(tmp_path / "out"), str(tmp_path / "err"))
+    process = launcher.spawn(reactor, recorder, "/bin/sh", ["/bin/sh", "-c", f"echo x > {workdir}/cwd/file"], None,
+                             {}, stdio, remove=str(workdir))
+    assert process.removes_workdir
+    events = await recorder.finished.addTimeout(10, reactor)
+    assert events[-1] == ("ended", 0) and not workdir.exists()
+
+
 def test_pool_restarts_count_its_launchers() -> None:
     pool = LauncherPool(reactor=None, size=3)
     pool.launchers[0].restarts, pool.launchers[2].restarts = 2, 1

@@ -72,7 +72,7 @@ class FakeSpawner:
         self.next_pid = 1000
 
     def __call__(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Any, extra: Any,
-                 stdio: Any) -> FakeProcess:
+                 stdio: Any, remove: Optional[str] = None) -> FakeProcess:
         self.next_pid += 1
         process = FakeProcess(protocol, self.next_pid, argv[-1], env)
         self.spawned.append(process)
@@ -435,7 +435,7 @@ def test_policy_defaults_are_the_configs() -> None:
 
 def test_a_job_the_launcher_cannot_start_is_buried_with_the_reason(h: Harness) -> None:
     """E2BIG (a 200 KB command) is not "command not found", 127 (issue 9, item 8)."""
-    h.queue._spawn = lambda reactor, protocol, *args: protocol.startFailed("Argument list too long (E2BIG)")
+    h.queue._spawn = lambda reactor, protocol, *args, **kw: protocol.startFailed("Argument list too long (E2BIG)")
     (job,) = h.add({"cmd": "echo " + "x" * 200_000, "retries": 3})
     h.settle()
     assert job.state == model.BURIED and job.fail_reason == model.FAIL_START
@@ -444,10 +444,10 @@ def test_a_job_the_launcher_cannot_start_is_buried_with_the_reason(h: Harness) -
 
 
 def test_a_spawn_that_raises_value_error_fails_its_job_only(h: Harness) -> None:
-    def spawn(reactor: Any, protocol: Any, executable: str, argv: list[str], *rest: Any) -> Any:
+    def spawn(reactor: Any, protocol: Any, executable: str, argv: list[str], *rest: Any, **kw: Any) -> Any:
         if argv[-1] == "bad":  # as posix_spawn does for a NUL byte or lone surrogate in env
             raise ValueError("embedded null byte")
-        return h.spawner(reactor, protocol, executable, argv, *rest)
+        return h.spawner(reactor, protocol, executable, argv, *rest, **kw)
 
     h.queue._spawn = spawn
     bad, good = h.add({"cmd": "bad"}, {"cmd": "good"})

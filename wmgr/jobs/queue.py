@@ -542,7 +542,7 @@ class JobQueue(Service):
             max_time = _limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
         run = JobRun(self._reactor, RunFiles(self.run_dir, job.key, job.attempts + 1), workspace, job.spec["cmd"],
                      output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
-                     spawn=self._spawn, max_time=max_time)
+                     spawn=self._spawn, max_time=max_time, remove_workdir=not _has_behaviours(job.spec))
         try:
             run.start()
         except (OSError, ValueError) as e:  # E2BIG, a NUL byte or lone surrogate in env or cmd...
@@ -604,7 +604,7 @@ class JobQueue(Service):
             # others such as {"nothing": true} keep it); without any it goes, as wr's CLI default.
             if behaviours or workspace.root is None:
                 remove_tmp(workspace.tmp)
-            else:
+            elif not getattr(run, "workdir_removed", False):
                 remove_workdir(workspace.root)
         # Only once the end is committed may the files that also record it go (see _recover).
         await self._save([job], samples=samples, strict=True)
@@ -739,6 +739,10 @@ def _limit_of(requested: float, expected: float) -> float:
     """Limits are enforced at the larger of what was asked for and what is expected: learning may
     lower what the scheduler reserves, but never stops a job below what its owner asked for."""
     return max(requested, expected)
+
+
+def _has_behaviours(spec: dict[str, Any]) -> bool:
+    return bool(spec.get("on_success") or spec.get("on_failure") or spec.get("on_exit"))
 
 
 def _is_ready(job: Job) -> bool:

@@ -112,12 +112,13 @@ def _ignored_signals() -> list[int]:
 
 
 def spawn_in_session(reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
-                     extra: dict[str, str], stdio: tuple[str, str, str]) -> SessionProcess:
+                     extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None) -> SessionProcess:
     """Spawn a job from the daemon itself: a process in its own session.
 
     A spawner takes the environment as `env` (exactly these variables; None: the daemon's own)
     plus `extra` on top, and stdin, stdout and stderr as paths. The other spawner,
-    wmgr.jobs.launcher, takes the same arguments.
+    wmgr.jobs.launcher, takes the same arguments; only it acts on `remove` (its transports say
+    so with `removes_workdir`), and here the caller removes the directory itself.
     """
     full = dict(os.environ if env is None else env, **extra)
     return SessionProcess(reactor, executable, argv, full, protocol, tuple(stdio))
@@ -364,12 +365,16 @@ class JobRun:
         spawn: Callable[..., Any] = spawn_in_session,
         clock: Any = None,
         max_time: Optional[float] = None,
+        remove_workdir: bool = False,
     ) -> None:
         self._reactor = reactor
         # Timers run on their own clock so that tests can drive them with task.Clock while the
         # process itself is real.
         self._clock = clock if clock is not None else reactor
         self.max_time = max_time
+        # The job's directory goes when it ends (no behaviours of its own decide): a spawner that
+        # can (the launcher) is asked to remove it, else the queue does.
+        self.remove_workdir = remove_workdir
         self._time_call: Any = None
         self.files = files
         self.workspace = workspace
@@ -397,11 +402,19 @@ class JobRun:
         self.started = self._reactor.seconds()
         if self.max_time is not None:
             self._time_call = self._clock.callLater(self.max_time, self.kill, FAIL_TIME)
+        extra: dict[str, Any] = {}
+        if self.remove_workdir and self.workspace.root is not None:
+            extra["remove"] = self.workspace.root
         self._transport = self._spawn(
             self._reactor, JobProtocol(self), SHELL, argv, self.workspace.exact_env, self.workspace.extra_env,
-            (os.devnull, self.files.out, self.files.err),
+            (os.devnull, self.files.out, self.files.err), **extra,
         )
         return self.pid
+
+    @property
+    def workdir_removed(self) -> bool:
+        """Whether the spawner removes the job's directory itself once it has ended."""
+        return bool(getattr(self._transport, "removes_workdir", False))
 
     def _process_started(self, transport: Any) -> None:
         """The process runs: its pid is known (at once when the daemon spawns it, when the
