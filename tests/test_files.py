@@ -49,3 +49,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_open_atomic_streams_in_pieces_and_replaces_only_at_the_end(tmp_path: Path) -> None:
+    from wmgr.files import open_atomic
+
+    target = tmp_path / "upload"
+    with open_atomic(target) as f:
+        f.write(b"part one, ")
+        assert not target.exists()
+        f.write(b"part two")
+    assert target.read_bytes() == b"part one, part two"
+    with pytest.raises(RuntimeError):
+        with open_atomic(target) as f:
+            f.write(b"half")
+            raise RuntimeError("client went away")
+    assert target.read_bytes() == b"part one, part two" and [p.name for p in tmp_path.iterdir()] == ["upload"]

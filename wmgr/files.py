@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-def write_atomic(path: Path | str, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` as the whole of `path`, created with `mode` (less the umask)."""
+@contextmanager
+def open_atomic(path: Path | str, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """A file to write `path` through, in as many pieces as wanted (a streamed upload): it
+    replaces `path` only when the block ends without an exception, else it is removed."""
     path = os.fspath(path)
     directory, name = os.path.split(path)
     # A random temporary name: O_EXCL refuses one that exists, so nobody can make us write into a
@@ -25,7 +29,7 @@ def write_atomic(path: Path | str, data: bytes, mode: int = 0o600) -> None:
     fd = os.open(tmp, _TMP_FLAGS, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -35,6 +39,12 @@ def write_atomic(path: Path | str, data: bytes, mode: int = 0o600) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_atomic(path: Path | str, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` as the whole of `path`, created with `mode` (less the umask)."""
+    with open_atomic(path, mode) as f:
+        f.write(data)
 
 
 def write_private(path: Path | str, data: bytes) -> None:
