@@ -522,3 +522,22 @@ def test_a_base_planted_by_someone_else_is_never_used(tmp_path: Path, planted: s
     assert ws.base == str(own) and ws.cwd.startswith(str(own) + "/")
     assert ws.relative_cwd.startswith(f"/wr_cwd.{os.getuid()}/")
     assert list(elsewhere.iterdir()) == [] and own.lstat().st_mode & 0o777 == 0o700
+
+
+def test_a_base_removed_and_made_again_by_someone_else_is_not_written_into(tmp_path: Path) -> None:
+    from wmgr.jobs.launcher import make_job_dirs
+
+    ws = prepare_workspace(KEY, {"cwd": str(tmp_path / "c1"), "env": None}, make=False)
+    base = Path(ws.base)
+    base.rmdir()
+    make_job_dirs(*ws.pending)  # removed (a /tmp cleaner): made again, ours
+    assert os.path.isdir(ws.cwd) and base.lstat().st_mode & 0o777 == 0o700
+    ws = prepare_workspace(KEY, {"cwd": str(tmp_path / "c1"), "env": None}, make=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    import shutil
+    shutil.rmtree(base)
+    base.symlink_to(elsewhere)  # made again by someone else
+    with pytest.raises(PermissionError):
+        make_job_dirs(*ws.pending)
+    assert list(elsewhere.iterdir()) == []

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import signal
 import sys
 import threading
@@ -51,6 +52,26 @@ def stdio_actions(stdin: str, stdout: str, stderr: str) -> list[tuple[Any, ...]]
         (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
         (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
     ]
+
+
+def make_job_dirs(base: str, parent: str, root: str, cwd: str, tmp: str) -> None:
+    """Make a job's unique directories in the daemon user's own base (runner.work_base), which is
+    checked again first: a base removed since (a /tmp cleaner) and made again by another user is
+    never written into."""
+    try:
+        info = os.lstat(base)
+    except FileNotFoundError:  # removed since it was checked: made again, ours
+        try:
+            os.mkdir(base, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PermissionError(errno.EACCES, "the job directory base is not this user's own", base)
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(root)
+    os.mkdir(cwd)
+    os.mkdir(tmp)
 
 
 # -- the launcher process ------------------------------------------------------------------------
@@ -104,6 +125,8 @@ def main() -> None:
                 env = request["env"] if request["env"] is not None else base_env.copy()
                 env.update(request["extra"])
                 stdin, stdout, stderr = request["stdio"]
+                if "make" in request:
+                    make_job_dirs(*request["make"])
                 pid = os.posix_spawn(
                     request["argv"][0], request["argv"], env,
                     file_actions=stdio_actions(stdin, stdout, stderr),
@@ -265,10 +288,12 @@ class Launcher:
             self._protocol.transport.closeStdin()
 
     def spawn(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
-              extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None) -> LaunchedProcess:
+              extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
+              make: tuple[str, ...] = ()) -> LaunchedProcess:
         """Ask for a process; the returned transport connects its protocol once it runs.
         `remove`: a directory the launcher removes once the process has ended, before it says so
-        (a job's own directory: per-job work that needs nothing of the daemon's state)."""
+        (a job's own directory: per-job work that needs nothing of the daemon's state); `make`: the
+        job's (base, parent, root, cwd, tmp) directories, made by the launcher just before the start."""
         if self._protocol is None or self._protocol.transport is None:
             raise OSError("the job launcher is not running")
         process = LaunchedProcess(protocol)
@@ -278,6 +303,8 @@ class Launcher:
         request = {"id": ident, "argv": [executable, *argv[1:]], "env": env, "extra": extra, "stdio": list(stdio)}
         if remove is not None:
             request["remove"] = remove
+        if make:
+            request["make"] = list(make)
         self._protocol.transport.write(compactjson.dumps(request).encode() + b"\n")
         return process
 
@@ -347,6 +374,8 @@ class LauncherPool(Service):
     def spawn(self, *args: Any, **kw: Any) -> LaunchedProcess:
         launcher = min(self.launchers, key=lambda each: len(each._starting))
         return launcher.spawn(*args, **kw)
+
+    spawn.makes_workspace = True  # type: ignore[attr-defined]  # see runner.prepare_workspace
 
 
 if __name__ == "__main__":

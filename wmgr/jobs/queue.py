@@ -532,7 +532,8 @@ class JobQueue(Service):
             self._end_without_run(job, model.FAIL_RESOURCES)
             return
         try:
-            workspace = prepare_workspace(job.key, job.spec)
+            # The launcher makes the job's directories (per-job work off the reactor).
+            workspace = prepare_workspace(job.key, job.spec, make=not getattr(self._spawn, "makes_workspace", False))
         except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (a NUL byte...)
             self._release(job)
             self._end_without_run(job, model.FAIL_CWD if getattr(e, "errno", None) == 2 else model.FAIL_START, str(e))

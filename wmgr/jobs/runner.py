@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 
-from wmgr.jobs.launcher import stdio_actions
+from wmgr.jobs.launcher import make_job_dirs, stdio_actions
 from wmgr.jobs.model import FAIL_TIME  # the reason a time limit gives (re-exported)
 
 log = Logger()
@@ -112,14 +112,18 @@ def _ignored_signals() -> list[int]:
 
 
 def spawn_in_session(reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
-                     extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None) -> SessionProcess:
+                     extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
+                     make: tuple[str, ...] = ()) -> SessionProcess:
     """Spawn a job from the daemon itself: a process in its own session.
 
     A spawner takes the environment as `env` (exactly these variables; None: the daemon's own)
     plus `extra` on top, and stdin, stdout and stderr as paths. The other spawner,
     wmgr.jobs.launcher, takes the same arguments; only it acts on `remove` (its transports say
-    so with `removes_workdir`), and here the caller removes the directory itself.
+    so with `removes_workdir`), and here the caller removes the directory itself. `make`: the
+    job's directories to make first (see prepare_workspace).
     """
+    if make:
+        make_job_dirs(*make)
     full = dict(os.environ if env is None else env, **extra)
     return SessionProcess(reactor, executable, argv, full, protocol, tuple(stdio))
 
@@ -237,13 +241,13 @@ class Workspace:
     home_changed: bool
     root: Optional[str] = None  # the unique directory wmgr made (cwd and tmp are in it)
     base: Optional[str] = None  # the daemon user's own directory the unique ones are made in
+    pending: tuple[str, ...] = ()  # (base, parent, root, cwd, tmp) when the spawner is to make them
 
     @property
     def env(self) -> dict[str, str]:
         return dict(os.environ if self.exact_env is None else self.exact_env, **self.extra_env)
 
 
-_made_parents: set[str] = set()
 _bases: dict[str, tuple[str, str]] = {}
 
 
@@ -273,9 +277,11 @@ def work_base(cwd: str) -> tuple[str, str]:
     raise PermissionError(errno.EACCES, "no job directory of this user's can be made in", cwd)
 
 
-def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
+def prepare_workspace(key: str, spec: dict[str, Any], make: bool = True) -> Workspace:
     """As wr does: a unique <cwd>/wr_cwd/k/e/y/<rest><random>/cwd with a sister tmp (exported as
-    TMPDIR) unless cwd_matters, in which case the given cwd is used as it is and must exist."""
+    TMPDIR) unless cwd_matters, in which case the given cwd is used as it is and must exist.
+    With make=False the unique directories are only named (Workspace.pending): a spawner that
+    makes them (the launcher) does, just before it starts the job."""
     exact = dict(entry.split("=", 1) for entry in spec["env"]) if spec.get("env") else None
     base = spec["cwd"]
     if spec.get("cwd_matters"):
@@ -284,26 +290,20 @@ def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
         return Workspace(base, "", None, exact, {}, False)
     own, name = work_base(base)
     parent = os.path.join(own, key[0], key[1], key[2])
-    if parent not in _made_parents:
-        os.makedirs(parent, exist_ok=True)
-        _made_parents.add(parent)
     unique = key[3:] + secrets.token_hex(4)
     root = os.path.join(parent, unique)
-    try:
-        os.mkdir(root)
-    except FileNotFoundError:  # removed since (a cleanup): check the base again, make it again
-        _bases.pop(base, None)
-        own, name = work_base(base)
-        os.makedirs(root)
     cwd, tmp = os.path.join(root, "cwd"), os.path.join(root, "tmp")
-    os.mkdir(cwd)
-    os.mkdir(tmp)
     extra = {"TMPDIR": tmp}
     home_changed = bool(spec.get("change_home"))
     if home_changed:
         extra["HOME"] = cwd
-    return Workspace(cwd, f"/{name}/{key[0]}/{key[1]}/{key[2]}/{unique}/cwd", tmp, exact, extra, home_changed,
-                     root, own)
+    workspace = Workspace(cwd, f"/{name}/{key[0]}/{key[1]}/{key[2]}/{unique}/cwd", tmp, exact, extra, home_changed,
+                          root, own)
+    workspace.pending = (own, parent, root, cwd, tmp)
+    if make:
+        make_job_dirs(*workspace.pending)
+        workspace.pending = ()
+    return workspace
 
 
 def remove_workdir(root: str) -> None:
@@ -405,6 +405,8 @@ class JobRun:
         extra: dict[str, Any] = {}
         if self.remove_workdir and self.workspace.root is not None:
             extra["remove"] = self.workspace.root
+        if self.workspace.pending:
+            extra["make"] = self.workspace.pending
         self._transport = self._spawn(
             self._reactor, JobProtocol(self), SHELL, argv, self.workspace.exact_env, self.workspace.extra_env,
             (os.devnull, self.files.out, self.files.err), **extra,
