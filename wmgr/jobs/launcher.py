@@ -105,10 +105,11 @@ def main() -> None:
                 running[0] -= 1
             with lock:  # held by the spawn until its removal is registered
                 directory = removals.pop(pid, None)
+                write({"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
+            # After the end is reported, so that it is not held up (a job whose directory is to go
+            # has no behaviours that could still need it, and a retry gets a new directory).
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
-            with lock:
-                write({"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
     daemon = os.getppid()
@@ -291,7 +292,7 @@ class Launcher:
               extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
               make: tuple[str, ...] = ()) -> LaunchedProcess:
         """Ask for a process; the returned transport connects its protocol once it runs.
-        `remove`: a directory the launcher removes once the process has ended, before it says so
+        `remove`: a directory the launcher removes once the process has ended and it has said so
         (a job's own directory: per-job work that needs nothing of the daemon's state); `make`: the
         job's (base, parent, root, cwd, tmp) directories, made by the launcher just before the start."""
         if self._protocol is None or self._protocol.transport is None:
