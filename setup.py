@@ -9,13 +9,13 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "wmgr" / "__init__.py").
 setup(
     name="wmgr",
     version=VERSION,
-    description="Worker management daemon: jobs, processes, tasks, services, databases and connections over HTTPS",
+    description="Worker management daemon: the wr job queue and the pman API over HTTPS, a web dashboard and a command line",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # twisted/plugins has no __init__.py on purpose: one would shadow Twisted's own package.
     packages=find_packages(include=["wmgr", "wmgr.*"]) + ["twisted.plugins"],
-    package_data={"wmgr": ["static/*"]},
+    package_data={"wmgr": ["static/*"]},  # the dashboard's page
     install_requires=[
         # >= 24.7: inlineCallbacks and LoopingCall accept coroutines, so async def works everywhere.
         "twisted[tls]>=24.7",
@@ -33,13 +33,11 @@ setup(
         "rich>=13",
     ],
     extras_require={
-        "mysql": ["pymysql>=1.1"],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.1",
             "openapi-spec-validator>=0.7",
-            "pymysql>=1.1",
             "pfurl>=2.3",
         ],
     },

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from wmgr.jobs import model  # noqa: E402
 from wmgr.jobs.model import Job  # noqa: E402
-from wmgr.jobs.queue import _insert_jobs  # noqa: E402
+from wmgr.jobs.journal import insert_jobs as _insert_jobs  # noqa: E402
 from wmgr.jobs.scheduler import Capacity, Scheduler  # noqa: E402
 from wmgr.store import _connect, migrate  # noqa: E402
 

@@ -87,6 +87,8 @@ async def main(reactor, opts) -> int:
     print(f"jobs: {n:,} in {elapsed:.2f} s (POST answered in {added:.2f} s; {polls} polls); states: {states}")
     print(f"daemon CPU during the run: reactor thread {cpu['main']:.1f} s ({cpu['main'] / elapsed:.0%} of the "
           f"wall time), other threads {cpu['threads']:.1f} s, jobs (reaped children) {cpu['children']:.1f} s")
+    print(f"reactor CPU per job: {cpu['main'] / n * 1000:.3f} ms (target <= 0.3 ms; process CPU time of the "
+          f"daemon's reactor thread over the run, divided by the jobs)")
     print(f"RESULT jobs_throughput: {rate:,.0f} jobs/s; spawn baseline {baseline:,.0f}/s; "
           f"ratio {ratio:.1%} (targets >= {TARGET_RATE:,.0f} jobs/s and >= {TARGET_RATIO:.0%})")
     if states != {"complete": n}:

@@ -3,7 +3,6 @@ installs it in pytest_configure, after conftest is imported."""
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
@@ -47,11 +46,3 @@ async def client(daemon: Any, reactor: Any) -> Any:
     c = daemon.client(reactor)
     yield c
     await c.close()
-
-
-def mysql_available(host: str = "127.0.0.1", port: int = 3306) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False

@@ -8,7 +8,6 @@ grace period passes when the test says so.
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import sys
@@ -52,12 +51,7 @@ def run_files(tmp_path: Path) -> RunFiles:
 def make_run(reactor: Any, files: RunFiles, ws: Workspace, cmd: str, clock: Any, spawn: Any = None,
              **kw: Any) -> JobRun:
     """A JobRun whose timers run on `clock` while processes are spawned with `reactor`."""
-    spawn = spawn or spawn_in_session
-    if "clock" in inspect.signature(JobRun).parameters:
-        return JobRun(reactor, files, ws, cmd, spawn=spawn, clock=clock, **kw)
-    # Without a clock parameter the clock stands in for the reactor, and the spawner swaps the
-    # real reactor back in.
-    return JobRun(clock, files, ws, cmd, spawn=lambda _reactor, *a: spawn(reactor, *a), **kw)
+    return JobRun(reactor, files, ws, cmd, spawn=spawn or spawn_in_session, clock=clock, **kw)
 
 
 async def wait_for(reactor: Any, predicate: Any, what: str) -> None:
@@ -180,7 +174,7 @@ async def test_exit_status_file(reactor: Any, tmp_path: Path, cmd: str, code: in
     result = await bounded(run.done)
     assert result.exitcode == code
     assert result.signal is None
-    assert Path(files.rc).read_text() == f"{code}\n"
+    assert Path(files.rc).read_text() == f"{code} {run.pid}\n"  # the status, and who ran
     assert files.exit_status() == code
 
 
@@ -303,7 +297,7 @@ def fake(tmp_path: Path) -> Any:
     clock = Clock()
     files = run_files(tmp_path)
     ws = workspace(tmp_path / "cwd", {"ONLY": "this"})
-    run = make_run(object(), files, ws, "echo hi", clock, spawn=spawner, kill_grace=5.0)
+    run = make_run(Clock(), files, ws, "echo hi", clock, spawn=spawner, kill_grace=5.0)
     return SimpleNamespace(spawner=spawner, clock=clock, files=files, ws=ws, run=run)
 
 
@@ -398,7 +392,7 @@ def test_fake_spawn_failure_propagates(fake: Any, tmp_path: Path) -> None:
     def broken(*args: Any) -> Any:
         raise OSError(2, "no such file")
 
-    run = make_run(object(), fake.files, fake.ws, "true", Clock(), spawn=broken)
+    run = make_run(Clock(), fake.files, fake.ws, "true", Clock(), spawn=broken)
     with pytest.raises(OSError):
         run.start()
     assert run.pid == 0
@@ -472,10 +466,9 @@ def test_read_bounded_replaces_bad_utf8(tmp_path: Path) -> None:
     assert read_bounded(path, 100) == "ok \ufffd\ufffd done"
 
 
-@pytest.mark.skipif("max_time" not in inspect.signature(JobRun).parameters, reason="JobRun has no max_time")
 def test_fake_time_limit_kills_with_its_reason(tmp_path: Path, signals: list) -> None:
     spawner, clock = FakeSpawner(), Clock()
-    run = make_run(object(), run_files(tmp_path), workspace(tmp_path / "cwd"), "sleep 100", clock, spawn=spawner,
+    run = make_run(Clock(), run_files(tmp_path), workspace(tmp_path / "cwd"), "sleep 100", clock, spawn=spawner,
                    kill_grace=2.0, max_time=10.0)
     seen = outcome(run)
     pid = run.start()
@@ -489,13 +482,62 @@ def test_fake_time_limit_kills_with_its_reason(tmp_path: Path, signals: list) ->
     assert seen[0].kill_reason == runner.FAIL_TIME
 
 
-@pytest.mark.skipif("max_time" not in inspect.signature(JobRun).parameters, reason="JobRun has no max_time")
 def test_fake_ending_in_time_cancels_the_time_limit(tmp_path: Path, signals: list) -> None:
     spawner, clock = FakeSpawner(), Clock()
-    run = make_run(object(), run_files(tmp_path), workspace(tmp_path / "cwd"), "true", clock, spawn=spawner,
+    run = make_run(Clock(), run_files(tmp_path), workspace(tmp_path / "cwd"), "true", clock, spawn=spawner,
                    max_time=10.0)
     run.start()
     spawner.end(error.ProcessDone(0))
     assert clock.getDelayedCalls() == []
     clock.advance(100)
     assert signals == []
+
+
+# -- the daemon user's own base for job directories (issue 9, item 10) ----------------------------
+
+
+def test_job_directories_are_made_in_a_private_base(tmp_path: Path) -> None:
+    ws = prepare_workspace(KEY, {"cwd": str(tmp_path), "env": None})
+    base = tmp_path / "wr_cwd"
+    assert ws.base == str(base) and ws.cwd.startswith(str(base) + "/") and ws.relative_cwd.startswith("/wr_cwd/")
+    info = base.lstat()
+    assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("planted", ["symlink", "other_owner"])
+def test_a_base_planted_by_someone_else_is_never_used(tmp_path: Path, planted: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    cwd = tmp_path / "shared"
+    cwd.mkdir()
+    if planted == "symlink":
+        (cwd / "wr_cwd").symlink_to(elsewhere)
+    else:
+        if os.getuid() != 0:
+            pytest.skip("making a directory owned by another user needs root")
+        (cwd / "wr_cwd").mkdir(mode=0o777)
+        os.chown(cwd / "wr_cwd", 65534, 65534)
+    ws = prepare_workspace(KEY, {"cwd": str(cwd), "env": None})
+    own = cwd / f"wr_cwd.{os.getuid()}"
+    assert ws.base == str(own) and ws.cwd.startswith(str(own) + "/")
+    assert ws.relative_cwd.startswith(f"/wr_cwd.{os.getuid()}/")
+    assert list(elsewhere.iterdir()) == [] and own.lstat().st_mode & 0o777 == 0o700
+
+
+def test_a_base_removed_and_made_again_by_someone_else_is_not_written_into(tmp_path: Path) -> None:
+    from wmgr.jobs.launcher import make_job_dirs
+
+    ws = prepare_workspace(KEY, {"cwd": str(tmp_path / "c1"), "env": None}, make=False)
+    base = Path(ws.base)
+    base.rmdir()
+    make_job_dirs(*ws.pending)  # removed (a /tmp cleaner): made again, ours
+    assert os.path.isdir(ws.cwd) and base.lstat().st_mode & 0o777 == 0o700
+    ws = prepare_workspace(KEY, {"cwd": str(tmp_path / "c1"), "env": None}, make=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    import shutil
+    shutil.rmtree(base)
+    base.symlink_to(elsewhere)  # made again by someone else
+    with pytest.raises(PermissionError):
+        make_job_dirs(*ws.pending)
+    assert list(elsewhere.iterdir()) == []

@@ -252,3 +252,25 @@ async def test_a_batch_is_fsynced_when_any_write_in_it_must_be_durable(store: St
     gate.release.set()
     await bounded(held)
     assert [await bounded(d) for d in mixed] == [FULL, FULL]
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_observers_hear_each_batch_on_the_reactor_thread(store: Store) -> None:
+    import threading
+
+    heard: list[tuple[float, bool]] = []
+    store.commit_observers.append(lambda seconds: heard.append((seconds, threading.current_thread() is threading.main_thread())))
+    await bounded(store.write(lambda conn: conn.execute("INSERT INTO meta VALUES ('a', '1')")))
+    assert len(heard) == store.commits == 1
+    seconds, on_reactor_thread = heard[0]
+    assert 0 <= seconds < WAIT and on_reactor_thread
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_store_is_a_service(tmp_path: Any, reactor: Any) -> None:
+    s = Store(tmp_path / "svc.db", reactor)
+    s.startService()
+    assert s.running
+    await bounded(s.write(lambda conn: conn.execute("INSERT INTO meta VALUES ('b', '2')")))
+    await bounded(s.stopService())
+    assert not s.running and not s._writer.is_alive()

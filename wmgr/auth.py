@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Optional
 
-from wmgr.tls import write_private
+from wmgr.files import write_private
 
 TOKEN_FILE = "client.token"
 

@@ -1,21 +1,23 @@
-"""The daemon as one service tree: store, job queue, HTTP listeners and periodic upkeep.
+"""The daemon as one service tree: store, launchers, job queue, timers, HTTP listeners.
 
 Start order matters: the store opens and the queue settles what an earlier daemon left running
 before anything listens, so no client ever sees a half-loaded queue; the URL file is written last,
-once the listeners are up, which is what scripts and tests wait for.
+once the listeners are up, which is what scripts and tests wait for. Each part is a child Service
+added in that order, and stopService stops them in the reverse order, each once the one after it
+has stopped: listeners, timers, queue, launchers, store. Every way of stopping (SIGTERM, drain,
+pman quit) stops the reactor, which runs that one path.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
@@ -34,7 +36,9 @@ from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
 from wmgr.store import Store
-from wmgr.tls import ServerTLS, write_public
+from wmgr.files import write_public
+from wmgr.host import host_name
+from wmgr.tls import ServerTLS
 
 log = Logger()
 
@@ -62,12 +66,22 @@ def url_host(interface: str) -> str:
     return f"[{interface}]" if ":" in interface else interface
 
 
+class Listener(Service):
+    """A listening port as a service: stopping it stops listening."""
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return maybeDeferred(self.port.stopListening)
+
+
 class WmgrService(MultiService):
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
-        self.ports: list[Any] = []
         self.port = 0
         self.http_port: Optional[int] = None
         self.url = ""
@@ -104,20 +118,15 @@ class WmgrService(MultiService):
         self.tls = ServerTLS(self.data_dir, config.tls_names)
 
         self.store = Store(self.data_dir / "wmgr.db", self._reactor)
-        self.store.open()
+        self.store.setServiceParent(self)
         capacity = Capacity.detect(config.max_cores, config.max_memory, config.zero_core_slots)
-        policy = QueuePolicy(
-            output_limit=config.output_limit, kill_grace=config.kill_grace, retry_base=config.retry_base,
-            retry_cap=config.retry_cap, retry_jitter=config.retry_jitter, enforce_limits=config.enforce_limits,
-            memory_margin=config.memory_margin, time_margin=config.time_margin,
-            history_max_age=config.history_max_age, history_max_count=config.history_max_count,
-        )
         self.launcher = LauncherPool(self._reactor, config.launchers or os.cpu_count() or 1)
-        self.launcher.start()
-        self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity, policy,
-                              spawn=self.launcher.spawn)
+        self.launcher.setServiceParent(self)
+        self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity,
+                              QueuePolicy.from_config(config), spawn=self.launcher.spawn)
         self.queue.on_drained = self._drained
-        await self.queue.start()
+        self.queue.setServiceParent(self)
+        await self.queue.ready
 
         self._add_timer(config.sample_interval, "sample running jobs", self.queue.sample)
         self._add_timer(config.renew_check_interval, "renew the server certificate", self.tls.renew_if_due)
@@ -125,26 +134,31 @@ class WmgrService(MultiService):
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
-                    (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit).resource())]
+                    (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
+                                       shutdown=self.shutdown).resource())]
         sessions = Sessions(self._reactor)
+        # A service, before the listeners: stopped right after them, it ends the open event streams.
         self.dashboard = Dashboard(token, sessions, CountsFeed(self.store, self._reactor, self.queue.notices.peek),
                                    self._reactor)
+        self.dashboard.setServiceParent(self)
         surfaces.append(Surface(("ui",), self.dashboard.resource(), own_auth=True))
         fallback = RootApp(document([WR_PATHS, PMAN_PATHS, DASHBOARD_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback, sessions))
 
-        port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)
-        self.ports.append(port)
-        self.port = port.getHost().port
+        self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,
+                                                          interface=config.interface), site)
         if config.http_port is not None:
             plain = TCP6ServerEndpoint if ":" in config.interface else TCP4ServerEndpoint
-            http = await plain(self._reactor, config.http_port, interface=config.interface).listen(site)
-            self.ports.append(http)
-            self.http_port = http.getHost().port
+            self.http_port = await self._listen(plain(self._reactor, config.http_port, interface=config.interface), site)
 
         self.url = f"https://{url_host(config.interface)}:{self.port}/"
         write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")
         self._announce(first_start)
+
+    async def _listen(self, endpoint: Any, site: Any) -> int:
+        port = await endpoint.listen(site)
+        Listener(port).setServiceParent(self)
+        return port.getHost().port
 
     def _add_timer(self, interval: float, name: str, body: Callable[[], Any]) -> None:
         timer = TimerService(interval, guarded(name, body))
@@ -166,15 +180,20 @@ class WmgrService(MultiService):
             log.info("plain HTTP (token required) on http://{host}:{port}/",
                      host=url_host(self.config.interface), port=self.http_port)
 
-    def _drained(self) -> None:
-        log.info("drained: no job is running any more; stopping")
+    def shutdown(self, why: str) -> None:
+        """Stop the daemon: the reactor stops, and twistd stops this service tree (stopService),
+        as it does on SIGTERM."""
+        log.info("stopping: {why}", why=why)
         self._reactor.callLater(0, self._reactor.stop)
+
+    def _drained(self) -> None:
+        self.shutdown("drained: no job is running any more")
 
     def info(self) -> dict[str, Any]:
         assert self.queue is not None
         return {
             "Addr": f"{url_host(self.config.interface)}:{self.port}",
-            "Host": socket.gethostname(),
+            "Host": host_name(),
             "Port": str(self.port),
             "WebPort": str(self.port),
             "PID": os.getpid(),
@@ -184,18 +203,10 @@ class WmgrService(MultiService):
         }
 
     async def _stop(self) -> None:
-        if self.dashboard is not None:
-            self.dashboard.close()
-        for port in self.ports:
-            await port.stopListening()
-        self.ports.clear()
-        await MultiService.stopService(self)
-        if self.queue is not None:
-            await self.queue.stop()
-        if self.launcher is not None:
-            self.launcher.stop()
-        if self.store is not None:
-            await self.store.close()
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            if service.running:
+                await maybeDeferred(service.stopService)
         try:
             (self.data_dir / URL_FILE).unlink()
         except FileNotFoundError:

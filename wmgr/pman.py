@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Optional
@@ -33,6 +32,7 @@ from twisted.logger import Logger
 
 from wmgr import __version__
 from wmgr.errors import InvalidRequest
+from wmgr.host import host_address, host_name
 from wmgr.jobs import model
 from wmgr.jobs.model import Job
 
@@ -224,16 +224,6 @@ def host_facts() -> dict[str, Any]:
     }
 
 
-def _inet() -> str:
-    """The first non-loopback IPv4 address (pman found it by a UDP "connect" to 8.8.8.8, which needs
-    a route to the internet)."""
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return address.address
-    return "127.0.0.1"
-
-
 def sysinfo() -> dict[str, Any]:
     """hello's sysinfo. Blocking (cpu_percent samples for 0.1 s, platform may run `uname -p`)."""
     facts = host_facts()
@@ -247,8 +237,8 @@ def sysinfo() -> dict[str, Any]:
         "cpucount": os.cpu_count(),
         "loadavg": list(os.getloadavg()),
         "cpu_percent": psutil.cpu_percent(interval=0.1),
-        "hostname": socket.gethostname(),
-        "inet": _inet(),
+        "hostname": host_name(),
+        "inet": host_address(),
     }
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,8 +108,11 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-class Store:
-    """The daemon's SQLite database: a writer thread with batched commits and reader threads."""
+class Store(Service):
+    """The daemon's SQLite database: a writer thread with batched commits and reader threads.
+    A Service: started, it opens (and migrates); stopped, it commits what is queued and closes."""
+
+    name = "store"
 
     def __init__(self, path: Path, reactor: Any, readers: int = 2) -> None:
         self.path = Path(path)
@@ -119,6 +124,16 @@ class Store:
         self._local = threading.local()
         self.commits = 0  # transactions committed; the tests and benchmarks read it
         self._durable = True  # what the writer connection's synchronous setting is now
+        # Called on the reactor thread with the seconds each batch's transaction took (metrics).
+        self.commit_observers: list[Callable[[float], None]] = []
+
+    def startService(self) -> None:
+        self.open()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.close()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -195,6 +210,7 @@ class Store:
         if durable != self._durable:
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._durable = durable
+        began = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for operation, d, _ in work:
@@ -216,7 +232,15 @@ class Store:
             except sqlite3.Error:
                 pass
             outcomes = [(d, failure) for _, d, _ in work]
-        self._reactor.callFromThread(_fire_all, outcomes)
+        self._reactor.callFromThread(self._committed, outcomes, time.perf_counter() - began)
+
+    def _committed(self, outcomes: list[tuple[Deferred[Any], Any]], seconds: float) -> None:
+        for observer in self.commit_observers:
+            try:
+                observer(seconds)
+            except Exception:
+                log.failure("a commit observer failed")
+        _fire_all(outcomes)
 
 
 def _fire_all(outcomes: list[tuple[Deferred[Any], Any]]) -> None:

@@ -14,8 +14,7 @@ from wmgr.errors import InvalidRequest
 class Options(usage.Options):
     synopsis = "[--config PATH] [--data-dir DIR] [--interface ADDR] [--port N] [--http-port N]"
     longdesc = (
-        "Serve the wmgr APIs (wr jobs, pman, tasks and workers, services and databases, "
-        "connections) over HTTPS with the daemon's own CA and a bearer token. Command-line "
+        "Serve the wr job queue (/rest/v1/) and the pman API (/api/v1/) over HTTPS with the daemon's own CA and a bearer token. Command-line "
         "options override the configuration file; etc/wmgr.cnf documents every option."
     )
     optParameters = [

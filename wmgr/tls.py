@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 
+from wmgr.files import write_private, write_public
+
 log = Logger()
 
 CA_DAYS = 3650
@@ -37,23 +38,6 @@ RENEW_BEFORE = datetime.timedelta(days=30)
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by its owner only, atomically (a crash leaves the old one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def server_names(extra: Iterable[str] = ()) -> list[x509.GeneralName]:

@@ -19,7 +19,7 @@ import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.harness import Daemon
+from tests.harness import Daemon, until
 from wmgr.client import Client
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,24 +223,22 @@ async def test_kill_stops_the_jobs_process_group(pman: Pman, tmp_path: Path) -> 
     killed = await pman.action("kill", key="jid", value="to-kill")
     assert killed["status"] is True and killed["d_ret"]["0"]["killed"] is True
     assert await pman.wait(root) == "finishedWithError"
-    assert not _alive(child), "the backgrounded child outlived the kill"
+    assert await _gone(child), "the backgrounded child outlived the kill"
     tree = (await pman.get(f"{root}"))["GET"][root]
     assert tree["endInfo"]["0"]["returncode"] == -1 and tree["failReason"] == "killed by user request"
     again = await pman.action("kill", key="jid", value="to-kill")
     assert again["status"] is False
 
 
-def _alive(pid: int) -> bool:
-    # A killed child that nobody reaped yet (our parent is not its parent) is a zombie: gone.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+async def _gone(pid: int) -> bool:
+    async def gone() -> bool:
+        # A killed child that nobody reaped yet (our parent is not its parent) is a zombie: gone.
         try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return False
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
-            return False
-        time.sleep(0.05)
-    return True
+            return True
+
+    return await until(the_reactor(), gone, timeout=5)
 
 
 # -- pfurl ------------------------------------------------------------------------------------------

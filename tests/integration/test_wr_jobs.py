@@ -216,9 +216,14 @@ async def test_quick_start_as_written(client, reactor):
         assert job["Attempts"] == 1 and job["Exited"] is True
         key = job["Key"]
         assert re.fullmatch(rf"/wr_cwd/{key[0]}/{key[1]}/{key[2]}/{key[3:]}[0-9a-f]+/cwd", job["Cwd"]), job["Cwd"]
-        # wr keeps the job's directory and always removes its sister tmp.
+        # A job without behaviours leaves no directory behind: wr_cwd directories do not pile up
+        # (issue 9); the ones that ask to keep theirs are in test_queue.py.
         workdir = Path("/tmp" + job["Cwd"])
-        assert workdir.is_dir() and not (workdir.parent / "tmp").exists()
+
+        async def removed(workdir: Path = workdir) -> tuple[bool, Any]:
+            return not workdir.parent.exists(), str(workdir.parent)
+
+        await poll(reactor, removed, what=f"{workdir.parent} to be removed")  # by its launcher, after the end
     assert by_keys[0]["Pid"] != by_keys[1]["Pid"]
 
 

@@ -175,11 +175,21 @@ async def test_memory_limit_kills_and_a_retry_asks_for_more(make_daemon, reactor
 @pytest_twisted.ensureDeferred
 async def test_limit_groups_cap_concurrency(make_daemon, reactor, tmp_path):
     daemon = await make_daemon(config=FAST)
-    log = tmp_path / "log"
+    log, gate = tmp_path / "log", tmp_path / "gate"
     async with daemon.client(reactor) as client:
-        jobs = [{"cmd": f"echo + >> {log}; sleep 0.6; echo - >> {log}; true {n}", "limit_grps": ["lg:2"]}
-                for n in range(5)]
+        # Each job holds its slot until the gate opens, so the two allowed are surely both running
+        # when it does (no reliance on how fast a loaded host starts them).
+        jobs = [{"cmd": f"echo + >> {log}; while [ ! -e {gate} ]; do sleep 0.02; done; echo - >> {log}; true {n}",
+                 "limit_grps": ["lg:2"]} for n in range(5)]
         await client.add_jobs(jobs, rep_grp="limited")
+
+        async def two_running() -> bool:
+            return log.exists() and log.read_text().split() == ["+", "+"]
+
+        await until(reactor, two_running)
+        states = sorted(job["State"] for job in await client.jobs("limited"))
+        assert states == ["ready"] * 3 + ["running"] * 2
+        gate.touch()
         await until(reactor, lambda: _all_complete(client, "limited", 5), timeout=30)
     running = peak = 0
     for mark in log.read_text().split():

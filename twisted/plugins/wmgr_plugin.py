@@ -5,6 +5,6 @@ from twisted.application.service import ServiceMaker
 wmgr = ServiceMaker(
     "wmgr",
     "wmgr.tap",
-    "Worker management daemon: jobs, processes, tasks, services, databases and connections over HTTPS",
+    "Worker management daemon: the wr job queue and the pman API over HTTPS",
     "wmgr",
 )

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -48,7 +49,10 @@ def _security_headers(request: Any) -> None:
     request.setHeader(b"Cache-Control", b"no-store")
 
 
-class Dashboard:
+class Dashboard(Service):
+    """The /ui/ surface; as a service, stopping it ends the open event streams."""
+
+    name = "dashboard"
     app = Klein()
     install_error_handlers(app)
 
@@ -154,6 +158,10 @@ class Dashboard:
         self._streams.add(finish)
         heartbeat.start(HEARTBEAT, now=False)
         return done
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.close()
 
     def close(self) -> None:
         """End every open event stream (the daemon is stopping)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from wmgr import __version__
+from wmgr.jobs.status import SCHEMA as JOB_STATUS_SCHEMA
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -107,7 +108,8 @@ WR_PATHS.update({
         "summary": "scheduler warnings; reading them removes them",
         "responses": {"200": reply("warnings", {"type": "array", "items": _ref("Warning")}), "401": ERROR}}},
     "/rest/v1/servers/": {
-        "get": {"summary": "hosts that stopped answering (workers that went silent)",
+        "get": {"summary": "hosts reported bad; nothing reports them yet (the worker role will), so "
+                         "the list is empty today",
                 "responses": {"200": reply("bad servers", {"type": "array", "items": _ref("BadServer")}),
                               "401": ERROR}},
         "delete": {"summary": "confirm that a bad server is dead",
@@ -159,17 +161,7 @@ SCHEMAS: dict[str, Any] = {
         "cloud_os": {"type": "string"}, "cloud_username": {"type": "string"}, "cloud_flavor": {"type": "string"},
         "cloud_script": {"type": "string"}, "cloud_config_files": {"type": "string"},
         "cloud_ram": {"type": "integer"}}},
-    "JobStatus": {"type": "object", "properties": {
-        **{name: {"type": "string"} for name in (
-            "Key", "RepGroup", "Cmd", "State", "Cwd", "CwdBase", "Behaviours", "Mounts", "MonitorDocker",
-            "WithDocker", "WithSingularity", "ContainerMounts", "FailReason", "Host", "HostID", "HostIP",
-            "StdErr", "StdOut")},
-        **{name: _STRINGS for name in ("DepGroups", "Dependencies", "OtherRequests", "Env")},
-        **{name: {"type": "integer"} for name in (
-            "ExpectedRAM", "RequestedDisk", "PeakRAM", "Exitcode", "Pid", "Started", "Ended", "Attempts", "Similar")},
-        **{name: {"type": "number"} for name in ("ExpectedTime", "Cores", "Walltime", "CPUtime")},
-        **{name: {"type": "boolean"} for name in ("HomeChanged", "Exited")},
-    }},
+    "JobStatus": JOB_STATUS_SCHEMA,
 }
 
 
@@ -183,8 +175,7 @@ def document(path_sets: Iterable[Mapping[str, Any]], schemas: Iterable[Mapping[s
     return {
         "openapi": "3.0.3",
         "info": {"title": "wmgr", "version": __version__,
-                 "description": "One HTTPS daemon per machine for jobs, processes, tasks, services, "
-                                "databases and connections."},
+                 "description": "One HTTPS daemon per machine: the wr job queue and the pman API."},
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},

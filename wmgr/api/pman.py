@@ -12,7 +12,7 @@ Content-Type says.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import unquote
 
 from klein import Klein
@@ -40,9 +40,12 @@ class PmanAPI:
     app = Klein()
     install_error_handlers(app, pman_error)
 
-    def __init__(self, queue: Any, reactor: Any, allow_quit: bool = False, pman: Optional[Pman] = None) -> None:
+    def __init__(self, queue: Any, reactor: Any, allow_quit: bool = False, pman: Optional[Pman] = None,
+                 shutdown: Optional[Callable[[str], None]] = None) -> None:
         self.pman = pman or Pman(queue, allow_quit=allow_quit)
         self._reactor = reactor
+        # The daemon's one way to stop (WmgrService.shutdown); a bare reactor stop without one.
+        self._shutdown = shutdown or (lambda why: self._reactor.stop())
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -92,7 +95,7 @@ class PmanAPI:
 
     def _stop_after(self, request: Any) -> None:
         def stop(_: Any) -> None:
-            self._reactor.callLater(QUIT_DELAY, self._reactor.stop)
+            self._reactor.callLater(QUIT_DELAY, self._shutdown, "pman quit")
 
         request.notifyFinish().addBoth(stop)
 

@@ -3,7 +3,8 @@
 The behaviours of the outcome (on_success or on_failure) run first, then on_exit, each list in its
 order. `run` runs a shell command in the job's working directory with the job's environment;
 `cleanup` and `cleanup_all` remove the unique working directory wmgr made for the job (they differ
-in wr only for mount caches, which wmgr does not have) and its parents left empty; `remove` asks
+in wr only for mount caches, which wmgr does not have) and its parents left empty; a job with no
+behaviours at all has it removed too, and `nothing` is how a job asks to keep it; `remove` asks
 for the job to leave the queue once buried; `nothing` does nothing.
 """
 
@@ -87,7 +88,8 @@ def _kill(transport: Any) -> None:
 def remove_tree_and_empty_parents(root: str, stop_at: Optional[str]) -> None:
     shutil.rmtree(root, ignore_errors=True)
     parent = os.path.dirname(root)
-    while stop_at and parent.startswith(stop_at) and parent != os.path.dirname(stop_at):
+    # stop_at itself stays: it is the daemon user's own base directory (see runner.work_base).
+    while stop_at and parent.startswith(stop_at + os.sep):
         try:
             os.rmdir(parent)
         except OSError:

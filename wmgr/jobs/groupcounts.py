@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from wmgr.jobs import model
+from wmgr.jobs.journal import group_state_counts
 
 log = Logger()
 
@@ -34,8 +35,7 @@ Subscriber = Callable[[Snapshot], None]
 def read_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     """{rep group: {state: count}} for every rep group with a job, from the counters."""
     counts: dict[str, dict[str, int]] = {}
-    for rep_grp, state, n in conn.execute(
-            "SELECT rep_grp, state, SUM(n) FROM rep_grp_states GROUP BY rep_grp, state ORDER BY rep_grp"):
+    for rep_grp, state, n in group_state_counts(conn):
         if n <= 0:
             continue
         group = counts.get(rep_grp)

@@ -17,16 +17,23 @@ Events:    {"id": 7, "pid": 1234} | {"id": 7, "error": "..."} | {"pid": 1234, "s
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+import re
+import shutil
+import stat
 import signal
 import sys
 import threading
+from types import SimpleNamespace
 from typing import Any, Optional
 
+from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.protocol import ProcessProtocol
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,6 +42,36 @@ from wmgr import compactjson
 log = Logger()
 
 _OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def stdio_actions(stdin: str, stdout: str, stderr: str) -> list[tuple[Any, ...]]:
+    """posix_spawn file actions that open a job's stdio in the child itself: so a run's files
+    exist only if its process did start, which recovery relies on."""
+    return [
+        (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
+        (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
+    ]
+
+
+def make_job_dirs(base: str, parent: str, root: str, cwd: str, tmp: str) -> None:
+    """Make a job's unique directories in the daemon user's own base (runner.work_base), which is
+    checked again first: a base removed since (a /tmp cleaner) and made again by another user is
+    never written into."""
+    try:
+        info = os.lstat(base)
+    except FileNotFoundError:  # removed since it was checked: made again, ours
+        try:
+            os.mkdir(base, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PermissionError(errno.EACCES, "the job directory base is not this user's own", base)
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(root)
+    os.mkdir(cwd)
+    os.mkdir(tmp)
 
 
 # -- the launcher process ------------------------------------------------------------------------
@@ -49,6 +86,7 @@ def main() -> None:
     lock = threading.Lock()
     children = threading.Condition()
     running = [0]
+    removals: dict[int, str] = {}  # pid -> the directory to remove once it has ended
 
     def write(event: dict[str, Any]) -> None:
         out.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
@@ -65,8 +103,13 @@ def main() -> None:
                 continue
             with children:
                 running[0] -= 1
-            with lock:
+            with lock:  # held by the spawn until its removal is registered
+                directory = removals.pop(pid, None)
                 write({"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
+            # After the end is reported, so that it is not held up (a job whose directory is to go
+            # has no behaviours that could still need it, and a retry gets a new directory).
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
     daemon = os.getppid()
@@ -75,30 +118,48 @@ def main() -> None:
             # The daemon died (kill -9) with requests still in the pipe. Starting them now could
             # run a job twice: the next daemon queues again what it finds no trace of.
             break
-        request = json.loads(line)
-        env = request["env"] if request["env"] is not None else base_env.copy()
-        env.update(request["extra"])
-        stdin, stdout, stderr = request["stdio"]
         # The lock is held from the spawn until its pid is reported, so that a process that ends
         # at once is never reported ended before it is reported started.
         with lock:
             try:
+                request = json.loads(line)
+                env = request["env"] if request["env"] is not None else base_env.copy()
+                env.update(request["extra"])
+                stdin, stdout, stderr = request["stdio"]
+                if "make" in request:
+                    make_job_dirs(*request["make"])
                 pid = os.posix_spawn(
                     request["argv"][0], request["argv"], env,
-                    file_actions=[
-                        (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
-                        (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
-                        (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
-                    ],
+                    file_actions=stdio_actions(stdin, stdout, stderr),
                     setsid=True, setsigdef=ignored,
                 )
-            except OSError as e:
-                write({"id": request["id"], "error": str(e)})
+            except Exception as e:
+                # Whatever one request makes posix_spawn (or its arguments) raise -- E2BIG, a NUL
+                # byte or a lone surrogate in a value, a malformed request -- fails that job only.
+                write({"id": _request_id(line), "error": _describe(e)})
                 continue
+            if request.get("remove"):
+                removals[pid] = request["remove"]
             with children:
                 running[0] += 1
                 children.notify()
             write({"id": request["id"], "pid": pid})
+
+
+def _request_id(line: bytes) -> Optional[int]:
+    try:
+        return int(json.loads(line)["id"])
+    except Exception:
+        match = re.search(rb'"id":(\d+)', line)
+        return int(match.group(1)) if match else None
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
+    if isinstance(e, (ValueError, UnicodeError)):
+        return f"invalid value: {e}"
+    return f"{type(e).__name__}: {e}"
 
 
 # -- the daemon's side ---------------------------------------------------------------------------
@@ -123,10 +184,18 @@ class LaunchedProcess:
         self.rusage: Optional[Usage] = None
         self.ended = False
         self.orphaned = False
+        self.removes_workdir = False
 
     def started(self, pid: int) -> None:
         self.pid = pid
         self.proto.makeConnection(self)
+
+    def not_started(self, why: str) -> None:
+        """The launcher could not start it (E2BIG, a value posix_spawn refuses...)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.proto.startFailed(why)
 
     def end(self, status: Optional[int], cpu: float = 0.0) -> None:
         """status: as from wait4; None when it is not known how the process ended."""
@@ -153,19 +222,37 @@ class LaunchedProcess:
         pass
 
 
+class _EventLines(LineOnlyReceiver):
+    """The launcher's stdout, framed into lines: one JSON event each. LineOnlyReceiver, not
+    LineReceiver: the launcher writes events in bursts, and LineReceiver splits its buffer once
+    per line (copying what is left each time: a quarter of the reactor's time went there)."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, owner: "Launcher") -> None:
+        self.owner = owner
+        # LineOnlyReceiver asks its transport whether it is closing before each line; the
+        # launcher's stdout is read until the process ends, and nothing here closes it.
+        self.transport = SimpleNamespace(disconnecting=False)
+
+    def lineReceived(self, line: bytes) -> None:
+        if line:
+            self.owner.event(json.loads(line.decode()))  # str: json would sniff a bytes' encoding
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.error("the job launcher wrote a line of {n} bytes; ignored", n=len(line))
+
+
 class LauncherProtocol(ProcessProtocol):
     """The launcher process's protocol: JSON lines of events in, to its owner."""
 
     def __init__(self, owner: "Launcher") -> None:
         self.owner = owner
-        self.buffer = b""
+        self.lines = _EventLines(owner)
 
     def outReceived(self, data: bytes) -> None:
-        lines = (self.buffer + data).split(b"\n")
-        self.buffer = lines.pop()
-        for line in lines:
-            if line:
-                self.owner.event(json.loads(line.decode()))  # str: json would sniff a bytes' encoding
+        self.lines.dataReceived(data)
 
     def errReceived(self, data: bytes) -> None:
         log.warn("job launcher: {text}", text=data.decode("utf-8", "replace").rstrip())
@@ -185,6 +272,7 @@ class Launcher:
         self._running: dict[int, LaunchedProcess] = {}
         self._protocol: Optional[LauncherProtocol] = None
         self._stopping = False
+        self.restarts = 0
 
     def start(self) -> None:
         self._stopping = False
@@ -201,14 +289,23 @@ class Launcher:
             self._protocol.transport.closeStdin()
 
     def spawn(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
-              extra: dict[str, str], stdio: tuple[str, str, str]) -> LaunchedProcess:
-        """Ask for a process; the returned transport connects its protocol once it runs."""
+              extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
+              make: tuple[str, ...] = ()) -> LaunchedProcess:
+        """Ask for a process; the returned transport connects its protocol once it runs.
+        `remove`: a directory the launcher removes once the process has ended and it has said so
+        (a job's own directory: per-job work that needs nothing of the daemon's state); `make`: the
+        job's (base, parent, root, cwd, tmp) directories, made by the launcher just before the start."""
         if self._protocol is None or self._protocol.transport is None:
             raise OSError("the job launcher is not running")
         process = LaunchedProcess(protocol)
+        process.removes_workdir = remove is not None
         ident = next(self._ids)
         self._starting[ident] = process
         request = {"id": ident, "argv": [executable, *argv[1:]], "env": env, "extra": extra, "stdio": list(stdio)}
+        if remove is not None:
+            request["remove"] = remove
+        if make:
+            request["make"] = list(make)
         self._protocol.transport.write(compactjson.dumps(request).encode() + b"\n")
         return process
 
@@ -219,7 +316,7 @@ class Launcher:
                 return
             if "error" in event:
                 log.warn("the launcher could not start a job: {error}", error=event["error"])
-                process.end(127 << 8)  # as a shell reports a command it cannot run
+                process.not_started(event["error"])
                 return
             self._running[event["pid"]] = process
             process.started(event["pid"])
@@ -238,17 +335,26 @@ class Launcher:
         self._starting.clear()
         if not self._stopping:
             log.error("the job launcher died ({why}); starting a new one", why=reason.getErrorMessage())
+            self.restarts += 1
             self.start()
 
 
 
-class LauncherPool:
+class LauncherPool(Service):
     """Several launchers, one per core by default: each is one spawner (its own exec waits hold
     its own GIL), so starts proceed in parallel. A spawn goes to the launcher with the fewest
-    processes still starting."""
+    processes still starting. A Service: stopping it closes the launchers' stdin (the jobs they
+    started carry on, and the next daemon adopts them)."""
+
+    name = "launchers"
 
     def __init__(self, reactor: Any, size: int) -> None:
         self.launchers = [Launcher(reactor) for _ in range(max(1, size))]
+
+    @property
+    def restarts(self) -> int:
+        """Launchers restarted after dying, since the daemon started."""
+        return sum(launcher.restarts for launcher in self.launchers)
 
     def start(self) -> None:
         for launcher in self.launchers:
@@ -258,9 +364,19 @@ class LauncherPool:
         for launcher in self.launchers:
             launcher.stop()
 
-    def spawn(self, *args: Any) -> LaunchedProcess:
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.stop()
+
+    def spawn(self, *args: Any, **kw: Any) -> LaunchedProcess:
         launcher = min(self.launchers, key=lambda each: len(each._starting))
-        return launcher.spawn(*args)
+        return launcher.spawn(*args, **kw)
+
+    spawn.makes_workspace = True  # type: ignore[attr-defined]  # see runner.prepare_workspace
 
 
 if __name__ == "__main__":

@@ -435,212 +435,8 @@ class Job:
         return max(0.0, (self.ended if self.ended is not None else now) - self.started)
 
     def status(self, now: float, std: bool = False, env: bool = False, similar: int = 0) -> dict[str, Any]:
-        """The wr status object (JStatus), with wr's names, types and units."""
-        spec = self.spec
-        behaviours = {event: spec[event] for event in BEHAVIOUR_EVENTS if spec.get(event)}
-        others = [f"{name}:{spec[name]}" for name in OTHER_REQUESTS if spec.get(name)]
-        cores = spec["cpus"]
-        return {
-            "Key": self.key,
-            "RepGroup": spec["rep_grp"],
-            "DepGroups": spec.get("dep_grps") or None,
-            "Dependencies": spec.get("deps") or None,
-            "Cmd": spec["cmd"],
-            "State": self.state,
-            "Cwd": self.actual_cwd,
-            "CwdBase": spec["cwd"],
-            "HomeChanged": self.home_changed,
-            "Behaviours": json.dumps(behaviours) if behaviours else "",
-            "Mounts": "",
-            "MonitorDocker": spec.get("monitor_docker", ""),
-            "WithDocker": "",
-            "WithSingularity": "",
-            "ContainerMounts": spec.get("container_mounts", ""),
-            "ExpectedRAM": self.memory,
-            "ExpectedTime": self.expected_time,
-            "RequestedDisk": spec.get("disk", 0),
-            "Cores": int(cores) if float(cores).is_integer() else cores,
-            "PeakRAM": self.peak_ram,
-            "OtherRequests": others or None,
-            "Exited": self.exited,
-            "Exitcode": self.exitcode,
-            "FailReason": self.fail_reason,
-            "Pid": self.pid,
-            "Host": self.host,
-            "HostID": "",
-            "HostIP": self.host_ip,
-            "Walltime": self.walltime(now),
-            "CPUtime": self.cpu_time,
-            "Started": int(self.started) if self.started is not None else UNSET_TIME,
-            "Ended": int(self.ended) if self.ended is not None else UNSET_TIME,
-            # wr shows output without its final newline ("mymsg", not "mymsg\n").
-            "StdErr": self.stderr.rstrip("\n") if std else "",
-            "StdOut": self.stdout.rstrip("\n") if std else "",
-            "Env": (spec.get("env") or None) if env else None,
-            "Attempts": self.attempts,
-            "Similar": similar,
-        }
-
-
-# -- status objects as JSON, fast ----------------------------------------------------------------
-#
-# A reply to a big add or GET is one status object per job: building each as a dict (Job.status)
-# and then having json.dumps walk it (escaping the same 37 keys again for every job) took half of
-# the daemon's time for a 100,000-job add. statuses_json writes the same bytes directly: keys are
-# constant text, each value is encoded as json.dumps encodes it, and a job that has never run
-# (every run field its initial value) with no optional properties takes a path where all but a
-# handful of values are constant. Job.status stays the reference: tests/test_status_json.py holds
-# the two byte-for-byte equal over a broad set of jobs.
-
-_esc = json.encoder.encode_basestring_ascii  # what json.dumps (ensure_ascii) writes for a str
-_encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(value, separators=(",", ":"))
-_INF = float("inf")
-_ZERO = 0  # CPython has one int 0: `x is _ZERO` is true only for a plain int 0
-_EMPTY = ""  # likewise the empty str
-_UNSET_TIME_JSON = str(UNSET_TIME)
-
-# Spec properties the status object shows beyond the ones every normalised spec has: a spec with
-# none of them gets their constant values (null, "", 0).
-_OPTIONAL_SHOWN = frozenset(("dep_grps", "deps", "monitor_docker", "container_mounts", "disk", "env")
-                            + BEHAVIOUR_EVENTS + OTHER_REQUESTS)
-
-
-def _float_json(value: float) -> str:
-    """A float (or float subclass) as json.dumps writes it (allow_nan: NaN, Infinity)."""
-    if value != value:
-        return "NaN"
-    if value == _INF:
-        return "Infinity"
-    if value == -_INF:
-        return "-Infinity"
-    return float.__repr__(value)
-
-
-def _json(value: Any) -> str:
-    """One value exactly as json.dumps(value, separators=(",", ":")) writes it."""
-    cls = value.__class__
-    if cls is str:
-        return _esc(value)
-    if cls is int:
-        return int.__repr__(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if cls is float:
-        return _float_json(value)
-    if cls is list and all(item.__class__ is str for item in value):
-        return "[" + ",".join(map(_esc, value)) + "]"
-    return _encode(value)
-
-
-_EMPTY_JSON = '""'
-
-
-def _status_json(job: "Job", now: float, std: bool, env: bool, similar: int) -> str:
-    """One job's status object as JSON, any job: each value computed as Job.status computes it."""
-    spec = job.spec
-    behaviours = {event: spec[event] for event in BEHAVIOUR_EVENTS if spec.get(event)}
-    others = [f"{name}:{spec[name]}" for name in OTHER_REQUESTS if spec.get(name)]
-    cores = spec["cpus"]
-    cores = int(cores) if float(cores).is_integer() else cores
-    started = _json(int(job.started)) if job.started is not None else _UNSET_TIME_JSON
-    ended = _json(int(job.ended)) if job.ended is not None else _UNSET_TIME_JSON
-    stderr = _json(job.stderr.rstrip("\n")) if std else _EMPTY_JSON
-    stdout = _json(job.stdout.rstrip("\n")) if std else _EMPTY_JSON
-    return (
-        f'{{"Key":{_json(job.key)},"RepGroup":{_json(spec["rep_grp"])},'
-        f'"DepGroups":{_json(spec.get("dep_grps") or None)},"Dependencies":{_json(spec.get("deps") or None)},'
-        f'"Cmd":{_json(spec["cmd"])},"State":{_json(job.state)},"Cwd":{_json(job.actual_cwd)},'
-        f'"CwdBase":{_json(spec["cwd"])},"HomeChanged":{_json(job.home_changed)},'
-        f'"Behaviours":{_esc(json.dumps(behaviours)) if behaviours else _EMPTY_JSON},"Mounts":"",'
-        f'"MonitorDocker":{_json(spec.get("monitor_docker", ""))},"WithDocker":"","WithSingularity":"",'
-        f'"ContainerMounts":{_json(spec.get("container_mounts", ""))},"ExpectedRAM":{_json(job.memory)},'
-        f'"ExpectedTime":{_json(job.expected_time)},"RequestedDisk":{_json(spec.get("disk", 0))},'
-        f'"Cores":{_json(cores)},"PeakRAM":{_json(job.peak_ram)},"OtherRequests":{_json(others or None)},'
-        f'"Exited":{_json(job.exited)},"Exitcode":{_json(job.exitcode)},"FailReason":{_json(job.fail_reason)},'
-        f'"Pid":{_json(job.pid)},"Host":{_json(job.host)},"HostID":"","HostIP":{_json(job.host_ip)},'
-        f'"Walltime":{_json(job.walltime(now))},"CPUtime":{_json(job.cpu_time)},"Started":{started},'
-        f'"Ended":{ended},"StdErr":{stderr},"StdOut":{stdout},'
-        f'"Env":{_json((spec.get("env") or None) if env else None)},'
-        f'"Attempts":{_json(job.attempts)},"Similar":{_json(similar)}}}'
-    )
-
-
-def statuses_json(pairs: Iterable[tuple["Job", int]], now: float, std: bool = False, env: bool = False) -> bytes:
-    """The reply listing these jobs' status objects: the same bytes as
-    json.dumps([job.status(now, std, env, similar) for job, similar in pairs],
-    separators=(",", ":")).encode("utf-8"), several times faster."""
-    parts: list[str] = []
-    append = parts.append
-    esc = _esc
-    # Values many jobs share (the same object: the rep group and cwd of one POST's defaults, the
-    # default memory and time...) are encoded once: same object, same text.
-    last_rep = last_cwd = last_state = last_ram = last_time = last_cores = last_cpu = object()
-    rep_json = cwd_json = state_json = ram_json = time_json = cores_json = cpu_json = ""
-    for job, similar in pairs:
-        spec = job.spec
-        if not (
-            job.started is None and job.attempts is _ZERO and job.pid is _ZERO and job.exited is False
-            and job.exitcode is _ZERO and job.fail_reason is _EMPTY and job.peak_ram is _ZERO
-            and job.actual_cwd is _EMPTY and job.home_changed is False and job.host is _EMPTY
-            and job.host_ip is _EMPTY and job.ended is None and job.memory_floor is _ZERO
-            and (not std or (job.stdout is _EMPTY and job.stderr is _EMPTY))
-            and _OPTIONAL_SHOWN.isdisjoint(spec)
-        ):
-            append(_status_json(job, now, std, env, similar))
-            continue
-        # A job that has never run, with no optional properties: this must write what
-        # _status_json writes for it.
-        try:
-            rep = spec["rep_grp"]
-            if rep is not last_rep:
-                rep_json, last_rep = esc(rep), rep
-            cwd = spec["cwd"]
-            if cwd is not last_cwd:
-                cwd_json, last_cwd = esc(cwd), cwd
-            state = job.state
-            if state is not last_state:
-                state_json, last_state = esc(state), state
-            ram = job.expected_ram
-            if ram is not last_ram:
-                # memory_floor is 0: max(ram, 0) is ram unless 0 > ram.
-                ram_json, last_ram = _json(_ZERO if _ZERO > ram else ram), ram
-            seconds = job.expected_time
-            if seconds is not last_time:
-                time_json, last_time = _json(seconds), seconds
-            cores = spec["cpus"]
-            if cores is not last_cores:
-                cores_json, last_cores = _json(int(cores) if float(cores).is_integer() else cores), cores
-            cpu_time = job.cpu_time
-            if cpu_time is not last_cpu:
-                cpu_json, last_cpu = _json(cpu_time), cpu_time
-            append(
-                f'{{"Key":{esc(job.key)},"RepGroup":{rep_json},"DepGroups":null,"Dependencies":null,'
-                f'"Cmd":{esc(spec["cmd"])},"State":{state_json},"Cwd":"","CwdBase":{cwd_json},'
-                f'"HomeChanged":false,"Behaviours":"","Mounts":"","MonitorDocker":"","WithDocker":"",'
-                f'"WithSingularity":"","ContainerMounts":"","ExpectedRAM":{ram_json},'
-                f'"ExpectedTime":{time_json},"RequestedDisk":0,"Cores":{cores_json},"PeakRAM":0,'
-                f'"OtherRequests":null,"Exited":false,"Exitcode":0,"FailReason":"","Pid":0,"Host":"",'
-                f'"HostID":"","HostIP":"","Walltime":0.0,"CPUtime":{cpu_json},'
-                f'"Started":{_UNSET_TIME_JSON},"Ended":{_UNSET_TIME_JSON},"StdErr":"","StdOut":"",'
-                f'"Env":null,"Attempts":0,"Similar":{"0" if similar is _ZERO else _json(similar)}}}'
-            )
-        except TypeError:
-            # A value of an unexpected type (not a str where one is expected...): the general path
-            # encodes it as json.dumps would, or fails as it would.
-            append(_status_json(job, now, std, env, similar))
-    if not parts:
-        return b"[]"
-    # The text is ASCII (json.dumps escapes everything else). Tens of MB: encoding each part and
-    # joining the bytes once copies the whole reply once, where "[" + ",".join(...) + "]" and
-    # .encode() copy it three times.
-    data = [part.encode("utf-8") for part in parts]
-    data[0] = b"[" + data[0]
-    data[-1] += b"]"
-    return b",".join(data)
+        """The wr status object (JStatus), with wr's names, types and units (see status.py)."""
+        return _status.status_dict(self, now, std, env, similar)
 
 
 def grouped(jobs: Iterable[Job], limit: int) -> list[tuple[Job, int]]:
@@ -660,3 +456,14 @@ def grouped(jobs: Iterable[Job], limit: int) -> list[tuple[Job, int]]:
         result.extend((job, 0) for job in kept[:-1])
         result.append((kept[-1], hidden))
     return result
+
+
+
+def statuses_json(pairs: Iterable[tuple[Job, int]], now: float, std: bool = False, env: bool = False) -> bytes:
+    """The reply listing these jobs' status objects, as JSON (see status.statuses_json)."""
+    return _status.statuses_json(pairs, now, std, env)
+
+
+# The status object is defined in status.py, which needs the names above: imported last, as a
+# module, so that either may be imported first.
+from wmgr.jobs import status as _status  # noqa: E402

@@ -12,45 +12,37 @@ Rules this module keeps:
      └> dependent │      ├──────> delayed (retries left; back-off) ──> ready
                   │      └──────> lost (vanished without a status) ──confirm──> delayed/buried
                   └── deps complete
+
+This module holds the state machine alone: what may happen to a job and when. Its neighbours:
+journal.py (every store write, batched, and every SQL statement), recovery.py (what an earlier
+daemon left), reads.py (finding jobs), runner.py and launcher.py (processes).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import signal
-import sqlite3
-import time
-from collections import ChainMap, Counter
-from dataclasses import dataclass
+from collections import ChainMap
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from wmgr import compactjson
 from wmgr.errors import Conflict, InvalidRequest
-from wmgr.jobs import model
+from wmgr.host import host_identity
+from wmgr.jobs import model, reads, recovery
 from wmgr.jobs.behaviours import behaviours_for, run_behaviours
 from wmgr.jobs.deps import DependencyIndex
-from wmgr.jobs.learning import WINDOW, ResourceLearner, memory_after_ram_failure
+from wmgr.jobs.journal import Journal, dumps, row_to_job
+from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
 from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job
+from wmgr.jobs.notices import Notices
+from wmgr.jobs.policy import QueuePolicy
 from wmgr.jobs.runner import (
-    JobRun,
-    RunFiles,
-    RunResult,
-    find_job_processes,
-    host_identity,
-    measure_trees,
-    prepare_workspace,
-    read_bounded,
-    remove_tmp,
-    run_files_in,
-    signal_group,
+    JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp, remove_workdir,
     spawn_in_session,
 )
 from wmgr.jobs.scheduler import Capacity, Scheduler
@@ -58,136 +50,51 @@ from wmgr.store import Store
 
 log = Logger()
 
-# The store's columns for a job row, in the order the queries below use.
-_COLUMNS = "key, spec, state, seq, run, stdout, stderr"
-_CHUNK = 500  # keys per IN (...) query: well under SQLite's parameter limit
-_PRUNE_CHUNK = 5000  # completed jobs removed per transaction when pruning history
-
 # Fields of a queued job that PATCH may change. The command and its cwd make the key: changing
 # them is adding another job.
 MODIFIABLE = ("priority", "retries", "memory", "time", "cpus", "disk", "override", "limit_grps", "env",
               "rep_grp", "req_grp", "on_failure", "on_success", "on_exit", "change_home")
 
 
-@dataclass
-class QueuePolicy:
-    """How the queue treats jobs; every number here is a setting in etc/wmgr.cnf."""
+class Counters:
+    """Run outcomes since the daemon started (monotonic): runs started, completed, and failed
+    (every failed attempt, lost and killed ones included)."""
 
-    output_limit: int = 4096
-    kill_grace: float = 5.0
-    # Retry back-off: base * 2^(failures-1), capped, plus up to `retry_jitter` of itself at random.
-    retry_base: float = 30.0
-    retry_cap: float = 1800.0
-    retry_jitter: float = 0.25
-    # Limits: a run over its memory or time by more than the margin is stopped.
-    enforce_limits: bool = True
-    memory_margin: float = 0.10
-    time_margin: float = 0.10
-    # History pruning: completed jobs older than max_age seconds, or beyond the newest max_count,
-    # are removed (0: keep).
-    history_max_age: float = 0.0
-    history_max_count: int = 0
-
-    def backoff(self, failures: int) -> float:
-        delay = min(self.retry_cap, self.retry_base * 2 ** max(0, failures - 1))
-        return delay + random.uniform(0, delay * self.retry_jitter)
-
-
-class Notices:
-    """Scheduler warnings for GET /rest/v1/warnings/: one entry per distinct message, with its
-    first and last time and count; reading them removes them (as wr does)."""
+    __slots__ = ("started", "completed", "failed")
 
     def __init__(self) -> None:
-        self._entries: dict[str, list[Any]] = {}
-
-    def warn(self, message: str) -> None:
-        now = int(time.time())
-        entry = self._entries.get(message)
-        if entry is None:
-            self._entries[message] = [now, now, 1]
-            log.warn("{message}", message=message)
-        else:
-            entry[1] = now
-            entry[2] += 1
-
-    def peek(self) -> list[dict[str, Any]]:
-        """The warnings, left in place (for live views; only a client's read removes them)."""
-        return [{"Msg": m, "FirstDate": e[0], "LastDate": e[1], "Count": e[2]} for m, e in self._entries.items()]
-
-    def take(self) -> list[dict[str, Any]]:
-        entries, self._entries = self._entries, {}
-        return [{"Msg": m, "FirstDate": e[0], "LastDate": e[1], "Count": e[2]} for m, e in entries.items()]
+        self.started = self.completed = self.failed = 0
 
 
-class AdoptedRun:
-    """A job process found alive after a restart. It is not our child, so it cannot be waited
-    for: the sampler reports when it has gone, and its status file and output tell the rest."""
+class JobQueue(Service):
+    """Live jobs, their transitions, and the local runs that carry them out. A Service: started,
+    it loads the live jobs and settles what an earlier daemon left (`ready` fires then); stopped,
+    it starts nothing more and writes what it holds."""
 
-    workspace = None
-
-    def __init__(self, files: RunFiles, pid: int, started: float, output_limit: int, clock: Any,
-                 kill_grace: float) -> None:
-        self.files = files
-        self.pid = pid
-        self.started = started
-        self.output_limit = output_limit
-        self._clock = clock
-        self.kill_grace = kill_grace
-        self.peak_ram = 0
-        self.kill_reason = ""
-        self.done: Deferred[RunResult] = Deferred()
-
-    def kill(self, reason: str) -> None:
-        """As JobRun.kill: TERM the group now, KILL it after the grace period."""
-        if self.done.called or not self.pid:
-            return
-        first = not self.kill_reason
-        self.kill_reason = self.kill_reason or reason
-        signal_group(self.pid, signal.SIGTERM)
-        if first:
-            self._clock.callLater(self.kill_grace, signal_group, self.pid, signal.SIGKILL)
-
-    def gone(self) -> None:
-        if self.done.called:
-            return
-        exitcode = self.files.exit_status()
-        self.done.callback(RunResult(
-            exitcode=exitcode, signal=None, started=self.started, ended=time.time(), peak_ram=self.peak_ram,
-            stdout=read_bounded(self.files.out, self.output_limit),
-            stderr=read_bounded(self.files.err, self.output_limit),
-            kill_reason=self.kill_reason, lost=exitcode is None and not self.kill_reason,
-        ))
-
-
-class JobQueue:
-    """Live jobs, their transitions, and the local runs that carry them out."""
+    name = "queue"
 
     def __init__(self, store: Store, run_dir: Path, reactor: Any, capacity: Capacity,
-                 policy: Optional[QueuePolicy] = None, spawn: Callable[..., Any] = spawn_in_session) -> None:
-        self.store = store
+                 policy: Optional[QueuePolicy] = None, spawn: Callable[..., Any] = spawn_in_session,
+                 host: Optional[tuple[str, str]] = None, in_thread: Callable[..., Deferred[Any]] = deferToThread) -> None:
         self.run_dir = Path(run_dir)
         self._reactor = reactor
-        self.policy = policy or QueuePolicy()
+        self.policy = policy or QueuePolicy.from_config()
         self.scheduler = Scheduler(capacity)
         self.deps = DependencyIndex()
         self.limits = LimitGroups()
         self.learner = ResourceLearner()
-        self.notices = Notices()
+        self.notices = Notices(reactor)
+        self.journal = Journal(store, reactor, on_failure=self.notices.warn)
+        self.counters = Counters()
         self._spawn = spawn
-        self.host, self.host_ip = host_identity()
+        self._in_thread = in_thread  # blocking work (psutil, listing the run directory)
+        self.host, self.host_ip = host or host_identity()
         self.live: dict[str, Job] = {}
         self.by_rep_grp: dict[str, dict[str, None]] = {}
-        self.runs: dict[str, Any] = {}
+        self.runs: dict[str, Run] = {}
         self._delays: dict[str, Any] = {}
         self._adding: dict[str, Deferred[Any]] = {}
-        # Saves gathered in this reactor turn (see _save).
-        self._dirty: dict[str, Job] = {}
-        self._dirty_samples: list[tuple[str, int, float]] = []
-        self._dirty_specs: list[tuple[str, str]] = []
-        self._dirty_limits: dict[str, int] = {}
-        self._flush_waiters: list[tuple[Deferred[None], bool]] = []
-        self._flush_durable = False
-        self._flush_call: Any = None
+        self.ready: Optional[Deferred[None]] = None
         self._seq = 0
         self._schedule_call: Any = None
         self.paused = False  # no new starts; running jobs carry on
@@ -196,25 +103,54 @@ class JobQueue:
         self.running = False  # True between start() and stop()
 
     @property
+    def store(self) -> Store:
+        return self.journal.store
+
+    @property
     def mode(self) -> str:
         return "draining" if self.draining else "paused" if self.paused else "started"
 
+    # -- for metrics (plain numbers; the metrics module turns them into its own types) ---------
+
+    def state_counts(self) -> dict[str, int]:
+        """Jobs by wr state over all rep groups, as the store's committed counters say (kept in
+        memory as they move: no scan)."""
+        return self.journal.state_counts()
+
+    def usage(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        return {
+            "running": len(self.runs),
+            "cores_used": scheduler.used_cores,
+            "cores_total": scheduler.capacity.cores,
+            "memory_used_mb": scheduler.used_memory,
+            "memory_total_mb": scheduler.capacity.memory,
+        }
+
     # -- lifecycle -----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.ready = ensureDeferred(self.start())
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self.stop())
 
     async def start(self) -> None:
         """Load live jobs, settle what was running when the daemon last stopped, then run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        loaded = await self.store.read(_load)
+        loaded = await self.journal.load()
         self._seq = loaded["seq"]
         for name, limit in loaded["limits"]:
             self.limits.set_limit(name, limit)
         for req_grp, ram, secs in loaded["samples"]:
             self.learner.record(req_grp, ram, secs)
         for row in loaded["rows"]:
-            job = _row_to_job(row)
+            job = row_to_job(row)
             self._learn_expectations(job)
             self._index(job)
-        now = time.time()
+        now = self._reactor.seconds()
         for job in list(self.live.values()):
             if job.state == model.DELAYED:
                 self._delays[job.key] = self._reactor.callLater(
@@ -229,7 +165,7 @@ class JobQueue:
         """Stop starting jobs. Running jobs are left running: they write their outcome to their
         files, and the next start adopts them or records what they left."""
         self.running = False
-        self._flush()
+        self.journal.flush()
         for call in [self._schedule_call, *self._delays.values()]:
             if call is not None and call.active():
                 call.cancel()
@@ -342,10 +278,10 @@ class JobQueue:
             for job in new_jobs:
                 self.deps.remove(job)
 
-        now = time.time()
-        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, _dumps(job.spec), now, job.spec.get("deps") or ())
+        now = self._reactor.seconds()
+        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, dumps(job.spec), now, job.spec.get("deps") or ())
                 for job in new_jobs]
-        committed: Deferred[Any] = self._write(lambda conn: _insert_jobs(conn, rows, rerun, limits))
+        committed: Deferred[Any] = self.journal.insert(rows, rerun, limits)
         for job in new_jobs:
             self._adding[job.key] = committed
         if while_committing is not None:
@@ -380,12 +316,12 @@ class JobQueue:
                     changed.append(job)
         if changed:
             self._save(changed)
-        rows = await self._write(lambda conn: _resurrect(conn, groups))
+        rows = await self.journal.resurrect(groups)
         revived = []
         for row in rows:
             job = self.live.get(row[0])
             if job is None:
-                job = _row_to_job(row)
+                job = row_to_job(row)
             else:
                 self._unindex(job)
             job.reset_run()
@@ -402,47 +338,17 @@ class JobQueue:
             log.info("re-running {count} completed jobs whose dependencies gained new jobs", count=len(revived))
             self._save(revived)
 
-    # -- looking up ----------------------------------------------------------------------------
+    # -- looking up (reads.py) -----------------------------------------------------------------
 
     def incomplete(self, state: Optional[str] = None) -> list[Job]:
-        if state is None:
-            return [job for job in self.live.values() if job.state != model.COMPLETE]
-        return [job for job in self.live.values() if matches_state(job, state)]
+        return reads.incomplete(self.live, state)
 
     async def select(self, ids: list[str], state: Optional[str] = None, search: bool = False) -> list[Job]:
-        """Jobs by key or rep group, completed ones included. A 32-hex id is tried as a key
-        first, then as a rep group; `state` filters rep-group matches only (as wr does)."""
         return [job for job, _ in await self.status_of(ids, state, search, 0)]
 
     async def status_of(self, ids: list[str], state: Optional[str] = None, search: bool = False,
                         limit: int = 0) -> list[tuple[Job, int]]:
-        """As select, grouped as wr's limit=N groups (see model.grouped) when limit > 0. With a
-        limit, completed jobs are counted from the store's counters, never scanned."""
-        keys = [i for i in ids if model.is_key(i)]
-        want_history = state in (None, model.COMPLETE)
-        history = await self.store.read(lambda conn: _history(conn, keys, ids, search, limit, want_history))
-        found: dict[str, Job] = {}
-        for ident in ids:
-            if model.is_key(ident):
-                job = self.live.get(ident) or history["keys"].get(ident)
-                if job is not None:
-                    found[job.key] = job
-                    continue
-            for group in self._matching_groups(ident, search):
-                for key in self.by_rep_grp.get(group, ()):
-                    job = self.live[key]
-                    if state is None or matches_state(job, state):
-                        found.setdefault(key, job)
-        live = list(found.values())
-        if not limit:
-            stored = [job for job in history["jobs"] if job.key not in found]
-            return [(job, 0) for job in live + stored]
-        return _merge_groups(live, history["groups"], found, limit)
-
-    def _matching_groups(self, name: str, search: bool) -> list[str]:
-        if search:
-            return [group for group in self.by_rep_grp if name in group]
-        return [name] if name in self.by_rep_grp else []
+        return await reads.status_of(self.live, self.by_rep_grp, self.journal, ids, state, search, limit)
 
     # -- acting on jobs ------------------------------------------------------------------------
 
@@ -461,6 +367,7 @@ class JobQueue:
         affected = [job for job in jobs if job.state == model.LOST and self.live.get(job.key) is job]
         for job in affected:
             self._failed(job, model.FAIL_LOST)
+            self.counters.failed -= 1  # counted when the run was lost
         if affected:
             await self._save(affected, strict=True, durable=True)
             self._reschedule()
@@ -495,9 +402,9 @@ class JobQueue:
             key, waiting = next(iter(refused.items()))
             raise Conflict(f"job {key} cannot be deleted: {len(waiting)} job(s) depend on it "
                            f"(e.g. {waiting[0]}); delete them in the same request")
-        self._flush()  # so that `stored` below is what the store has
+        self.journal.flush()  # so that `stored` below is what the store has
         items = [(job.key, job.stored) for job in doomed.values()]
-        await self._write(lambda conn: _delete_jobs(conn, items))
+        await self.journal.delete(items)
         released: set[str] = set()
         for job in doomed.values():
             released |= self.deps.dependants(job)
@@ -513,7 +420,7 @@ class JobQueue:
         removed = await self.delete([job for job in jobs if job.state != model.COMPLETE])
         if completed:
             items = [(job.key, job.stored) for job in completed]
-            await self._write(lambda conn: _delete_jobs(conn, items))
+            await self.journal.delete(items)
             for job in completed:
                 job.state = model.DELETED
         return removed + completed
@@ -541,7 +448,7 @@ class JobQueue:
             self._index(job)
         for name, limit in limits.items():
             self.limits.set_limit(name, limit)
-        specs = [(_dumps(job.spec), job.key) for job in affected]
+        specs = [(dumps(job.spec), job.key) for job in affected]
         await self._save(affected, specs=specs, limits=limits, strict=True, durable=True)
         self._reschedule()
         return affected
@@ -563,6 +470,7 @@ class JobQueue:
 
     def _failed(self, job: Job, reason: str, permanent: bool = False) -> None:
         """A run failed: delayed for a retry while retries are left, else buried."""
+        self.counters.failed += 1
         job.failures += 1
         job.fail_reason = reason
         if permanent or job.failures > job.spec.get("retries", 0):
@@ -570,7 +478,7 @@ class JobQueue:
             return
         delay = self.policy.backoff(job.failures)
         job.state = model.DELAYED
-        job.delay_until = time.time() + delay
+        job.delay_until = self._reactor.seconds() + delay
         self._delays[job.key] = self._reactor.callLater(delay, self._undelay, job.key)
 
     def _undelay(self, key: str) -> None:
@@ -624,26 +532,28 @@ class JobQueue:
             self._end_without_run(job, model.FAIL_RESOURCES)
             return
         try:
-            workspace = prepare_workspace(job.key, job.spec)
-        except OSError as e:
+            # The launcher makes the job's directories (per-job work off the reactor).
+            workspace = prepare_workspace(job.key, job.spec, make=not getattr(self._spawn, "makes_workspace", False))
+        except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (a NUL byte...)
             self._release(job)
-            self._end_without_run(job, model.FAIL_CWD if e.errno == 2 else model.FAIL_START, str(e))
+            self._end_without_run(job, model.FAIL_CWD if getattr(e, "errno", None) == 2 else model.FAIL_START, str(e))
             return
         max_time = None
         if self.policy.enforce_limits and job.spec["time"] > 0:
             max_time = _limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
         run = JobRun(self._reactor, RunFiles(self.run_dir, job.key, job.attempts + 1), workspace, job.spec["cmd"],
                      output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
-                     spawn=self._spawn, max_time=max_time)
+                     spawn=self._spawn, max_time=max_time, remove_workdir=not _has_behaviours(job.spec))
         try:
             run.start()
-        except OSError as e:
+        except (OSError, ValueError) as e:  # E2BIG, a NUL byte or lone surrogate in env or cmd...
             self._release(job)
             run.files.remove()
             self.notices.warn(f"could not start a job's command: {e}")
             self._end_without_run(job, model.FAIL_START, str(e))
             return
         job.reset_run()
+        self.counters.started += 1
         # Reserved, as in wr, until the process is known to run (its pid reported).
         job.state = model.RUNNING if run.pid else model.RESERVED
         job.attempts += 1
@@ -668,6 +578,7 @@ class JobQueue:
         run.done.addErrback(lambda f: log.failure("the end of job {key} could not be recorded", f, key=job.key))
 
     def _end_without_run(self, job: Job, reason: str, detail: str = "") -> None:
+        self.counters.failed += 1
         job.state = model.BURIED
         job.fail_reason = reason
         job.stderr = detail
@@ -681,15 +592,21 @@ class JobQueue:
             workspace = run.workspace
             root = os.path.dirname(workspace.cwd) if workspace.tmp else None
             outcome = await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root,
-                                           os.path.join(job.spec["cwd"], "wr_cwd"))
+                                           workspace.base)
             remove = outcome.remove
         self.runs.pop(job.key, None)
         self._release(job)
         # The slot is free now: the next job need not wait for this one's end to be committed.
         self._reschedule()
         samples = self._record(job, result)
-        if run.workspace is not None and run.workspace.tmp:
-            remove_tmp(run.workspace.tmp)
+        workspace = run.workspace
+        if workspace is not None and workspace.tmp:
+            # The job's own behaviours decide what becomes of its directory (cleanup removes it,
+            # others such as {"nothing": true} keep it); without any it goes, as wr's CLI default.
+            if behaviours or workspace.root is None:
+                remove_tmp(workspace.tmp)
+            elif not getattr(run, "workdir_removed", False):
+                remove_workdir(workspace.root)
         # Only once the end is committed may the files that also record it go (see _recover).
         await self._save([job], samples=samples, strict=True)
         run.files.remove()
@@ -717,6 +634,12 @@ class JobQueue:
         job.exitcode = result.exitcode if result.exitcode is not None else -1
         job.kill_reason = result.kill_reason
         walltime = job.walltime(result.ended)
+        if result.start_error:
+            # Not the command's failure: it never ran (E2BIG...). Retrying cannot help.
+            self.counters.failed += 1
+            job.state, job.fail_reason, job.exited = model.BURIED, model.FAIL_START, False
+            job.stderr = result.start_error
+            return []
         if result.kill_reason == model.FAIL_KILLED:
             self._failed(job, model.FAIL_KILLED, permanent=True)
         elif result.kill_reason in (model.FAIL_RAM, model.FAIL_TIME):
@@ -725,8 +648,10 @@ class JobQueue:
             self._failed(job, result.kill_reason)
             return [(job.spec["req_grp"], job.peak_ram, walltime)]
         elif result.lost:
+            self.counters.failed += 1
             job.state, job.fail_reason = model.LOST, model.FAIL_LOST
         elif result.exitcode == 0:
+            self.counters.completed += 1
             job.state, job.fail_reason = model.COMPLETE, ""
             self.learner.record(job.spec["req_grp"], job.peak_ram, walltime)
             return [(job.spec["req_grp"], job.peak_ram, walltime)]
@@ -740,68 +665,8 @@ class JobQueue:
             self._failed(job, model.FAIL_NONZERO)
         return []
 
-    def _save(self, jobs: list[Job], samples: Iterable[tuple[str, int, float]] = (),
-              specs: Iterable[tuple[str, str]] = (), limits: Optional[dict[str, int]] = None,
-              strict: bool = False, durable: bool = False) -> Deferred[None]:
-        """Write the jobs' current state (and counters), in order with every other write.
-
-        Saves made in one reactor turn share one store operation, and a job saved twice in it is
-        written once, as it is then (a short job's "running" and its end often meet so). The
-        Deferred fires once committed. A failure is logged and surfaced as a warning; with
-        `strict` it is also passed on, for callers that must not go on as if it were stored.
-        `durable` when a client will be told it is done (see Store.write): job state changes
-        that happen by themselves are not, the run's status file stands behind them.
-        """
-        for job in jobs:
-            self._dirty[job.key] = job
-        self._dirty_samples.extend(samples)
-        self._dirty_specs.extend(specs)
-        self._dirty_limits.update(limits or {})
-        if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self._flush)
-        waiter: Deferred[None] = Deferred()
-        self._flush_waiters.append((waiter, strict))
-        self._flush_durable = self._flush_durable or durable
-        return waiter
-
-    def _flush(self) -> None:
-        """Send the saves gathered so far to the store as one operation."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        if not self._flush_waiters:
-            return
-        changes = []
-        for job in self._dirty.values():
-            new = job.group_key
-            changes.append((new, job.stored, _dumps(job.run_record()), job.stdout, job.stderr, job.key))
-            job.stored = new
-        samples, specs, limits = self._dirty_samples, self._dirty_specs, self._dirty_limits
-        waiters, durable = self._flush_waiters, self._flush_durable
-        self._dirty, self._dirty_samples, self._dirty_specs, self._dirty_limits = {}, [], [], {}
-        self._flush_waiters, self._flush_durable = [], False
-        d = self.store.write(lambda conn: _apply(conn, changes, samples, specs, limits), durable=durable)
-        d.addCallbacks(self._flushed, self._flush_failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
-
-    @staticmethod
-    def _flushed(_: Any, waiters: list[tuple[Deferred[None], bool]]) -> None:
-        for waiter, _strict in waiters:
-            waiter.callback(None)
-
-    def _flush_failed(self, failure: Any, waiters: list[tuple[Deferred[None], bool]]) -> None:
-        log.failure("could not write job changes to the store", failure)
-        self.notices.warn(f"could not write job changes to the store: {failure.getErrorMessage()}")
-        for waiter, strict in waiters:
-            if strict:
-                waiter.errback(failure)
-            else:
-                waiter.callback(None)
-
-    def _write(self, operation: Callable[[sqlite3.Connection], Any]) -> Deferred[Any]:
-        """Any other store write: saves still gathering go first, so that the counters they
-        move and the ones this moves stay in order."""
-        self._flush()
-        return self.store.write(operation)
+    def _save(self, jobs: list[Job], **kw: Any) -> Deferred[None]:
+        return self.journal.save(jobs, **kw)
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -812,7 +677,7 @@ class JobQueue:
         if not runs:
             return
         runs = {key: run for key, run in runs.items() if run.pid}
-        sizes = await deferToThread(measure_trees, [run.pid for run in runs.values()])
+        sizes = await self._in_thread(measure_trees, [run.pid for run in runs.values()])
         for key, run in runs.items():
             size = sizes.get(run.pid)
             job = self.live.get(key)
@@ -831,19 +696,12 @@ class JobQueue:
     # -- history -------------------------------------------------------------------------------
 
     async def prune(self) -> int:
-        """Remove completed jobs past the configured age or count, a chunk per transaction so
-        that other writes keep flowing; return how many went."""
+        """Remove completed jobs past the configured age or count; return how many went."""
         policy = self.policy
         if not policy.history_max_age and not policy.history_max_count:
             return 0
-        cutoff = time.time() - policy.history_max_age if policy.history_max_age else None
-        total = 0
-        while True:
-            removed = await self._write(
-                lambda conn: _prune(conn, cutoff, policy.history_max_count, _PRUNE_CHUNK))
-            total += removed
-            if removed < _PRUNE_CHUNK:
-                break
+        cutoff = self._reactor.seconds() - policy.history_max_age if policy.history_max_age else None
+        total = await self.journal.prune(cutoff, policy.history_max_count)
         if total:
             log.info("pruned {count} completed jobs from the history", count=total)
         return total
@@ -851,47 +709,28 @@ class JobQueue:
     # -- recovery after a restart --------------------------------------------------------------
 
     async def _recover(self) -> None:
-        """Settle every job that may have been started by an earlier daemon: adopt the ones still
-        running, record the outcome of the ones that finished meanwhile, mark the rest lost.
-
-        A run's files are removed only after its end is committed, and their names carry the
-        attempt, so: files of an attempt later than the stored one, or of the stored attempt of
-        a job stored as running, belong to a run whose end is not stored; any others are
-        leftovers of runs whose end is."""
-        with_files = await deferToThread(run_files_in, self.run_dir)
-        started = {key for key, job in self.live.items() if job.state in model.ACTIVE_STATES}
-        if not (with_files.keys() | started):
-            return
-        alive = await deferToThread(find_job_processes, self.run_dir)
-        for key in sorted(with_files.keys() | started):
-            job = self.live.get(key)
-            attempts = with_files.get(key, [])
-            for old in attempts[:-1]:
-                RunFiles(self.run_dir, key, old).remove()
-            latest = attempts[-1] if attempts else None
-            files = RunFiles(self.run_dir, key, latest or 0)
-            current = job is not None and latest is not None and (
-                latest > job.attempts or (latest == job.attempts and job.state in model.ACTIVE_STATES))
-            if not current:
-                if latest is not None:
-                    files.remove()
-                if job is not None and job.state in model.ACTIVE_STATES:
-                    job.state, job.fail_reason = model.LOST, model.FAIL_LOST
-                    self._save([job])
-                continue
-            job.attempts = latest  # type: ignore[assignment]
+        """Settle every job an earlier daemon may have started (see recovery.py): mark lost the
+        ones that never ran, adopt the ones still running, record the end of the others."""
+        settlement = await recovery.survey(self.run_dir, self.live, self._reactor, self._in_thread)
+        for job in settlement.lost:
+            job.state, job.fail_reason = model.LOST, model.FAIL_LOST
+            self.counters.failed += 1
+            self._save([job])
+        for adoption in settlement.adopted:
+            job = adoption.job
+            job.attempts = adoption.attempt
             self._cancel_delay(job)
             self.scheduler.take(job)
             self.limits.take(job.spec.get("limit_grps") or ())
-            pid = alive.get(f"{key}.{latest}", 0)
-            run = AdoptedRun(files, pid, job.started or time.time(), self.policy.output_limit, self._reactor,
-                             self.policy.kill_grace)
+            run = recovery.adopted_run(adoption, self.policy, self._reactor)
             job.state = model.RUNNING
-            self.runs[key] = run
+            job.started = adoption.started
+            job.pid = adoption.ran_as
+            job.host, job.host_ip = self.host, self.host_ip  # its run directory is this host's
+            self.runs[job.key] = run
             self._follow(job, run)
-            if pid:
-                job.pid = pid
-                log.info("adopted job {key} (pid {pid}) left running by an earlier daemon", key=key, pid=pid)
+            if run.pid:
+                log.info("adopted job {key} (pid {pid}) left running by an earlier daemon", key=job.key, pid=run.pid)
                 self._save([job])
             else:
                 run.gone()
@@ -903,258 +742,15 @@ def _limit_of(requested: float, expected: float) -> float:
     return max(requested, expected)
 
 
+def _has_behaviours(spec: dict[str, Any]) -> bool:
+    return bool(spec.get("on_success") or spec.get("on_failure") or spec.get("on_exit"))
+
+
 def _is_ready(job: Job) -> bool:
     return job.state == model.READY
-
-
-def matches_state(job: Job, state: str) -> bool:
-    if state == model.DELETABLE:
-        return job.state not in model.ACTIVE_STATES and job.state != model.COMPLETE
-    if state == model.RUNNING:
-        return job.state in model.ACTIVE_STATES
-    return job.state == state
-
-
-def _merge_groups(live: list[Job], stored_groups: list[tuple[tuple[str, int, str], int, list[Job]]],
-                  seen: dict[str, Job], limit: int) -> list[tuple[Job, int]]:
-    """wr's limit grouping over live jobs and the store's counted groups of completed ones."""
-    groups: dict[tuple[str, int, str], list[Any]] = {}
-    for job, similar in model.grouped(live, limit):
-        entry = groups.setdefault((job.state, job.exitcode, job.fail_reason), [[], 0])
-        entry[0].append(job)
-        entry[1] += similar
-    for group_key, count, examples in stored_groups:
-        entry = groups.setdefault(group_key, [[], 0])
-        fresh = [job for job in examples if job.key not in seen]
-        room = max(0, limit - len(entry[0]))
-        entry[0].extend(fresh[:room])
-        entry[1] += count - len(examples) + max(0, len(fresh) - room)
-    result: list[tuple[Job, int]] = []
-    for kept, hidden in groups.values():
-        if kept:
-            result.extend((job, 0) for job in kept[:-1])
-            result.append((kept[-1], hidden))
-    return result
-
-
-_dumps = compactjson.dumps
 
 
 async def _quietly(d: Deferred[Any]) -> None:
     waiter: Deferred[Any] = Deferred()
     d.addBoth(lambda result: (waiter.callback(None), result)[1])
     await waiter
-
-
-def _row_to_job(row: tuple[Any, ...]) -> Job:
-    key, spec, state, seq, run, stdout, stderr = row
-    job = Job(key, json.loads(spec), state, seq)
-    job.restore_run(json.loads(run))
-    job.stdout, job.stderr = stdout, stderr
-    job.stored = job.group_key
-    return job
-
-
-def _chunks(items: list[Any], size: int = _CHUNK) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _marks(items: list[Any]) -> str:
-    return ",".join("?" * len(items))
-
-
-# -- store operations (these run in the store's threads) -------------------------------------------
-
-
-def _load(conn: sqlite3.Connection) -> dict[str, Any]:
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state != ? ORDER BY seq", (model.COMPLETE,)).fetchall()
-    (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
-    samples = conn.execute(
-        "SELECT req_grp, ram, secs FROM (SELECT req_grp, ram, secs, id, ROW_NUMBER() OVER "
-        "(PARTITION BY req_grp ORDER BY id DESC) AS n FROM req_samples) WHERE n <= ? ORDER BY id", (WINDOW,)
-    ).fetchall()
-    limits = conn.execute("SELECT name, lim FROM limit_groups").fetchall()
-    return {"rows": rows, "seq": seq, "samples": samples, "limits": limits}
-
-
-def _count(conn: sqlite3.Connection, deltas: Counter) -> None:
-    """Move the per-rep-group counters by the given deltas."""
-    rows = [(*group, n, n) for group, n in deltas.items() if n]
-    if rows:
-        conn.executemany(
-            "INSERT INTO rep_grp_states (rep_grp, state, exitcode, fail_reason, n) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (rep_grp, state, exitcode, fail_reason) DO UPDATE SET n = n + ?", rows)
-        # Only the counters that went down can have reached zero: remove those, by key.
-        conn.executemany(
-            "DELETE FROM rep_grp_states WHERE rep_grp = ? AND state = ? AND exitcode = ? AND fail_reason = ? "
-            "AND n <= 0", [group for group, n in deltas.items() if n < 0])
-
-
-def _insert_jobs(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], rerun: bool,
-                 limits: dict[str, int]) -> list[str]:
-    """Insert new jobs; a key already stored is a completed job (live ones were filtered out):
-    left alone, or re-queued with rerun. Returns the keys now queued."""
-    existing: dict[str, tuple[str, str, int, str]] = {}
-    keys = [row[0] for row in rows]
-    for chunk in _chunks(keys):
-        for key, *group in conn.execute(
-                f"SELECT key, rep_grp, state, exitcode, fail_reason FROM jobs WHERE key IN ({_marks(chunk)})", chunk):
-            existing[key] = tuple(group)  # type: ignore[assignment]
-    deltas: Counter = Counter()
-    fresh = [row for row in rows if row[0] not in existing]
-    conn.executemany("INSERT INTO jobs (key, rep_grp, state, seq, spec, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                     [row[:6] for row in fresh])
-    for row in fresh:
-        deltas[(row[1], row[2], 0, "")] += 1
-    queued = [row[0] for row in fresh]
-    if rerun and existing:
-        again = [row for row in rows if row[0] in existing]
-        conn.executemany(
-            "UPDATE jobs SET rep_grp = ?, state = ?, seq = ?, spec = ?, run = '{}', stdout = '', stderr = '', "
-            "exitcode = 0, fail_reason = '', updated = ? WHERE key = ?",
-            [(row[1], row[2], row[3], row[4], row[5], row[0]) for row in again])
-        for row in again:
-            deltas[existing[row[0]]] -= 1
-            deltas[(row[1], row[2], 0, "")] += 1
-        conn.executemany("DELETE FROM job_deps WHERE key = ?", [(row[0],) for row in again])
-        fresh = fresh + again
-        queued += [row[0] for row in again]
-    conn.executemany("INSERT OR IGNORE INTO job_deps (dep_grp, key) VALUES (?, ?)",
-                     [(group, row[0]) for row in fresh for group in row[6]])
-    conn.executemany("INSERT INTO limit_groups (name, lim) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET lim = ?",
-                     [(name, limit, limit) for name, limit in limits.items()])
-    _count(conn, deltas)
-    return queued
-
-
-def _apply(conn: sqlite3.Connection, changes: list[tuple[Any, ...]], samples: list[tuple[str, int, float]],
-           specs: list[tuple[str, str]], limits: dict[str, int]) -> None:
-    now = time.time()
-    if specs:
-        conn.executemany("UPDATE jobs SET spec = ? WHERE key = ?", specs)
-    conn.executemany(
-        "UPDATE jobs SET rep_grp = ?, state = ?, exitcode = ?, fail_reason = ?, run = ?, stdout = ?, stderr = ?, "
-        "updated = ? WHERE key = ?",
-        [(*new, run, stdout, stderr, now, key) for new, _, run, stdout, stderr, key in changes])
-    deltas: Counter = Counter()
-    for new, old, *_ in changes:
-        if new != old:
-            deltas[new] += 1
-            if old is not None:
-                deltas[old] -= 1
-    _count(conn, deltas)
-    if samples:
-        conn.executemany("INSERT INTO req_samples (req_grp, ram, secs) VALUES (?, ?, ?)", samples)
-    if limits:
-        conn.executemany("INSERT INTO limit_groups (name, lim) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET lim = ?",
-                         [(name, limit, limit) for name, limit in limits.items()])
-
-
-def _delete_jobs(conn: sqlite3.Connection, items: list[tuple[str, Any]]) -> None:
-    keys = [key for key, _ in items]
-    for chunk in _chunks(keys):
-        conn.execute(f"DELETE FROM jobs WHERE key IN ({_marks(chunk)})", chunk)
-        conn.execute(f"DELETE FROM job_deps WHERE key IN ({_marks(chunk)})", chunk)
-    _count(conn, _tally(items))
-
-
-def _tally(items: list[tuple[str, Any]]) -> Counter:
-    deltas: Counter = Counter()
-    for _, group in items:
-        if group is not None:
-            deltas[group] -= 1
-    return deltas
-
-
-def _resurrect(conn: sqlite3.Connection, groups: set[str]) -> list[tuple[Any, ...]]:
-    """Completed jobs waiting for these groups become dependent again, and recursively those
-    waiting for the groups they belong to. Returns their rows."""
-    revived: list[tuple[Any, ...]] = []
-    seen: set[str] = set()
-    frontier = set(groups)
-    while frontier:
-        seen |= frontier
-        batch = sorted(frontier)
-        frontier = set()
-        keys = [key for (key,) in conn.execute(
-            f"SELECT DISTINCT key FROM job_deps WHERE dep_grp IN ({_marks(batch)})", batch)]
-        for chunk in _chunks(keys):
-            rows = conn.execute(
-                f"SELECT {_COLUMNS}, rep_grp, exitcode, fail_reason FROM jobs WHERE state = ? AND key IN ({_marks(chunk)})",
-                [model.COMPLETE, *chunk]).fetchall()
-            deltas: Counter = Counter()
-            for row in rows:
-                conn.execute("UPDATE jobs SET state = ?, exitcode = 0, fail_reason = '' WHERE key = ?",
-                             (model.DEPENDENT, row[0]))
-                deltas[(row[7], model.COMPLETE, row[8], row[9])] -= 1
-                deltas[(row[7], model.DEPENDENT, 0, "")] += 1
-                revived.append(row[:7])
-                frontier |= set(json.loads(row[1]).get("dep_grps") or ()) - seen
-            _count(conn, deltas)
-    return revived
-
-
-def _history(conn: sqlite3.Connection, keys: list[str], groups: list[str], search: bool, limit: int,
-             want_groups: bool) -> dict[str, Any]:
-    """Stored jobs by key, and completed jobs of rep groups (exact, or containing the text when
-    searching): all of them, or with a limit only the counts and a few examples per group."""
-    by_key: dict[str, Job] = {}
-    for chunk in _chunks(keys):
-        for row in conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE key IN ({_marks(chunk)})", chunk):
-            by_key[row[0]] = _row_to_job(row)
-    names: list[str] = []
-    if want_groups:
-        for group in groups:
-            if search:
-                pattern = "%" + group.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-                names += [n for (n,) in conn.execute(
-                    "SELECT DISTINCT rep_grp FROM rep_grp_states WHERE state = ? AND rep_grp LIKE ? ESCAPE '\\'",
-                    (model.COMPLETE, pattern))]
-            else:
-                names.append(group)
-    jobs: list[Job] = []
-    counted: list[tuple[tuple[str, int, str], int, list[Job]]] = []
-    for name in dict.fromkeys(names):
-        if not limit:
-            jobs += [_row_to_job(row) for row in conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE rep_grp = ? AND state = ? ORDER BY seq", (name, model.COMPLETE))]
-            continue
-        for exitcode, fail_reason, n in conn.execute(
-                "SELECT exitcode, fail_reason, n FROM rep_grp_states WHERE rep_grp = ? AND state = ?",
-                (name, model.COMPLETE)).fetchall():
-            examples = [_row_to_job(row) for row in conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE rep_grp = ? AND state = ? AND exitcode = ? AND fail_reason = ? "
-                "ORDER BY seq LIMIT ?", (name, model.COMPLETE, exitcode, fail_reason, limit))]
-            counted.append(((model.COMPLETE, exitcode, fail_reason), n, examples))
-    return {"keys": by_key, "jobs": jobs, "groups": counted}
-
-
-# Written out, not bound: SQLite uses the partial index jobs_completed only for a query whose
-# WHERE names its condition literally.
-_COMPLETED = f"state = '{model.COMPLETE}'"
-
-
-def _prune(conn: sqlite3.Connection, cutoff: Optional[float], keep: int, chunk: int) -> int:
-    """Remove up to `chunk` completed jobs older than cutoff or beyond the newest `keep`."""
-    clauses, params = [], []
-    if cutoff is not None:
-        clauses.append("updated < ?")
-        params.append(cutoff)
-    if keep:
-        # The newest `keep` by (updated, seq): jobs whose ends were committed together share
-        # `updated`, and seq orders them.
-        row = conn.execute(f"SELECT updated, seq FROM jobs WHERE {_COMPLETED} ORDER BY updated DESC, seq DESC "
-                           "LIMIT 1 OFFSET ?", (keep - 1,)).fetchone()
-        if row is not None:
-            clauses.append("(updated, seq) < (?, ?)")
-            params.extend(row)
-    if not clauses:
-        return 0
-    rows = conn.execute(
-        f"SELECT key, rep_grp, exitcode, fail_reason FROM jobs WHERE {_COMPLETED} AND ({' OR '.join(clauses)}) "
-        "ORDER BY updated LIMIT ?", [*params, chunk]).fetchall()
-    if not rows:
-        return 0
-    _delete_jobs(conn, [(key, (rep_grp, model.COMPLETE, exitcode, fail_reason)) for key, rep_grp, exitcode, fail_reason in rows])
-    return len(rows)

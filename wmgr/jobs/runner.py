@@ -14,11 +14,10 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import time
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import psutil
 from twisted.internet import error, process
@@ -27,22 +26,24 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+
+from wmgr.jobs.launcher import make_job_dirs, stdio_actions
+from wmgr.jobs.model import FAIL_TIME  # the reason a time limit gives (re-exported)
+
 log = Logger()
 
-# The fail reason given when a run goes past its time limit (wr's wording).
-FAIL_TIME = "command used too much time"
 
 # The wrapper runs the command in the same shell (one exec per job, which matters for throughput)
-# and records the status with an EXIT trap, which runs on a normal end and on `exit N` alike. A
-# job killed by a signal leaves no status file: its absence means "did not finish by itself".
+# and records the status, and its own pid (the job's), with an EXIT trap, which runs on a normal
+# end and on `exit N` alike. A job killed by a signal leaves no status file: its absence means
+# "did not finish by itself". The pid lets a restarted daemon say which process ran a job whose
+# start it never recorded.
 WRAPPER = (
     'cd -- "$1" || exit 1; _wmgr_rc=$2; _wmgr_cmd=$3; set --; '
-    "trap 'echo $? > \"$_wmgr_rc\"' EXIT; eval \"$_wmgr_cmd\""
+    "trap 'echo $? $$ > \"$_wmgr_rc\"' EXIT; eval \"$_wmgr_cmd\""
 )
 SHELL = "/bin/sh"
 ARGV0 = "wmgr-job"
-
-_OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
 # How much of each stream is kept: this many bytes from the start and as many from the end.
 DEFAULT_OUTPUT_LIMIT = 4096
@@ -76,12 +77,7 @@ class SessionProcess(process.Process):
         # if its process did start, which recovery relies on. Every other descriptor of the
         # daemon is close-on-exec (Python and Twisted open them so, PEP 446), so unlike Twisted we
         # do not list and fcntl every open descriptor before each spawn: that was most of its cost.
-        stdin, stdout, stderr = self.stdio
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
-            (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
-        ]
+        actions = stdio_actions(*self.stdio)
         self.pid = self.spawned_pid = os.posix_spawn(
             executable, args, os.environ if environment is None else environment,
             file_actions=actions, setsigdef=_ignored_signals(), setsid=True,
@@ -116,13 +112,18 @@ def _ignored_signals() -> list[int]:
 
 
 def spawn_in_session(reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
-                     extra: dict[str, str], stdio: tuple[str, str, str]) -> SessionProcess:
+                     extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
+                     make: tuple[str, ...] = ()) -> SessionProcess:
     """Spawn a job from the daemon itself: a process in its own session.
 
     A spawner takes the environment as `env` (exactly these variables; None: the daemon's own)
     plus `extra` on top, and stdin, stdout and stderr as paths. The other spawner,
-    wmgr.jobs.launcher, takes the same arguments.
+    wmgr.jobs.launcher, takes the same arguments; only it acts on `remove` (its transports say
+    so with `removes_workdir`), and here the caller removes the directory itself. `make`: the
+    job's directories to make first (see prepare_workspace).
     """
+    if make:
+        make_job_dirs(*make)
     full = dict(os.environ if env is None else env, **extra)
     return SessionProcess(reactor, executable, argv, full, protocol, tuple(stdio))
 
@@ -138,6 +139,10 @@ class JobProtocol(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.run._process_ended(reason, getattr(self.transport, "rusage", None))
+
+    def startFailed(self, why: str) -> None:
+        """The launcher could not start the process at all (see LaunchedProcess.not_started)."""
+        self.run._start_failed(why)
 
 
 @dataclass
@@ -155,6 +160,7 @@ class RunResult:
     stderr: str = ""
     kill_reason: str = ""
     lost: bool = False
+    start_error: str = ""  # the process could not be started: why
 
 
 class RunFiles:
@@ -179,11 +185,28 @@ class RunFiles:
                 pass
 
     def exit_status(self) -> Optional[int]:
+        return self.exit_record()[0]
+
+    def exit_record(self) -> tuple[Optional[int], int]:
+        """(exit status, pid of the job) from the status file; (None, 0) when there is none."""
         try:
             with open(self.rc) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
+                fields = f.read().split()
+            return int(fields[0]), int(fields[1]) if len(fields) > 1 else 0
+        except (OSError, ValueError, IndexError):
+            return None, 0
+
+    def created(self) -> Optional[float]:
+        """The earliest modification time of the run's files: no later than the first output,
+        and the start itself for a stream never written to (best known start of a run whose
+        start was not recorded)."""
+        times = []
+        for path in (self.out, self.err, self.rc):
+            try:
+                times.append(os.stat(path).st_mtime)
+            except OSError:
+                pass
+        return min(times) if times else None
 
 
 def read_bounded(path: Path | str, limit: int) -> str:
@@ -216,42 +239,76 @@ class Workspace:
     exact_env: Optional[dict[str, str]]
     extra_env: dict[str, str]
     home_changed: bool
+    root: Optional[str] = None  # the unique directory wmgr made (cwd and tmp are in it)
+    base: Optional[str] = None  # the daemon user's own directory the unique ones are made in
+    pending: tuple[str, ...] = ()  # (base, parent, root, cwd, tmp) when the spawner is to make them
 
     @property
     def env(self) -> dict[str, str]:
         return dict(os.environ if self.exact_env is None else self.exact_env, **self.extra_env)
 
 
-_made_parents: set[str] = set()
+_bases: dict[str, tuple[str, str]] = {}
 
 
-def prepare_workspace(key: str, spec: dict[str, Any]) -> Workspace:
+def work_base(cwd: str) -> tuple[str, str]:
+    """The directory under `cwd` in which this daemon's user makes jobs' unique directories, and
+    its name: wr's `wr_cwd` when it is ours, else (another user made `wr_cwd`, in a shared /tmp)
+    `wr_cwd.<uid>`. Made 0700; used only if it is a real directory owned by this user, so that
+    nobody else can see into, or plant anything in, a job's directory."""
+    found = _bases.get(cwd)
+    if found is not None:
+        return found
+    uid = os.getuid()
+    os.makedirs(cwd, exist_ok=True)  # as wr's runner does for a cwd that does not exist yet
+    for name in ("wr_cwd", f"wr_cwd.{uid}"):
+        path = os.path.join(cwd, name)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+            if info.st_mode & 0o077:
+                os.chmod(path, 0o700)
+            _bases[cwd] = (path, name)
+            return path, name
+        log.warn("{path} belongs to another user (or is not a directory): not used for jobs", path=path)
+    raise PermissionError(errno.EACCES, "no job directory of this user's can be made in", cwd)
+
+
+def prepare_workspace(key: str, spec: dict[str, Any], make: bool = True) -> Workspace:
     """As wr does: a unique <cwd>/wr_cwd/k/e/y/<rest><random>/cwd with a sister tmp (exported as
-    TMPDIR) unless cwd_matters, in which case the given cwd is used as it is and must exist."""
+    TMPDIR) unless cwd_matters, in which case the given cwd is used as it is and must exist.
+    With make=False the unique directories are only named (Workspace.pending): a spawner that
+    makes them (the launcher) does, just before it starts the job."""
     exact = dict(entry.split("=", 1) for entry in spec["env"]) if spec.get("env") else None
     base = spec["cwd"]
     if spec.get("cwd_matters"):
         if not os.path.isdir(base):
             raise FileNotFoundError(errno.ENOENT, "working directory does not exist", base)
         return Workspace(base, "", None, exact, {}, False)
-    parent = os.path.join(base, "wr_cwd", key[0], key[1], key[2])
-    if parent not in _made_parents:
-        os.makedirs(parent, exist_ok=True)
-        _made_parents.add(parent)
+    own, name = work_base(base)
+    parent = os.path.join(own, key[0], key[1], key[2])
     unique = key[3:] + secrets.token_hex(4)
     root = os.path.join(parent, unique)
-    try:
-        os.mkdir(root)
-    except FileNotFoundError:  # the parent was removed since (a cleanup): make it again
-        os.makedirs(root)
     cwd, tmp = os.path.join(root, "cwd"), os.path.join(root, "tmp")
-    os.mkdir(cwd)
-    os.mkdir(tmp)
     extra = {"TMPDIR": tmp}
     home_changed = bool(spec.get("change_home"))
     if home_changed:
         extra["HOME"] = cwd
-    return Workspace(cwd, f"/wr_cwd/{key[0]}/{key[1]}/{key[2]}/{unique}/cwd", tmp, exact, extra, home_changed)
+    workspace = Workspace(cwd, f"/{name}/{key[0]}/{key[1]}/{key[2]}/{unique}/cwd", tmp, exact, extra, home_changed,
+                          root, own)
+    workspace.pending = (own, parent, root, cwd, tmp)
+    if make:
+        make_job_dirs(*workspace.pending)
+        workspace.pending = ()
+    return workspace
+
+
+def remove_workdir(root: str) -> None:
+    """A job's unique directory, once it has ended (its parents are bounded: 4,096 at most)."""
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def remove_tmp(tmp: str) -> None:
@@ -261,6 +318,36 @@ def remove_tmp(tmp: str) -> None:
         pass
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class GroupKill:
+    """Killing a job's process group: TERM now, KILL once the grace period has passed (a pending
+    KILL is left to fire even once the shell has gone: what it started may ignore the TERM)."""
+
+    def __init__(self, clock: Any, grace: float) -> None:
+        self._clock = clock
+        self.grace = grace
+        self._kill_call: Any = None
+
+    def __call__(self, pid: int) -> None:
+        signal_group(pid, signal.SIGTERM)
+        if self._kill_call is None:
+            self._kill_call = self._clock.callLater(self.grace, signal_group, pid, signal.SIGKILL)
+
+
+class Run(Protocol):
+    """What the queue needs of a run, local (JobRun) or adopted from an earlier daemon
+    (AdoptedRun): `done` fires once with a RunResult."""
+
+    files: RunFiles
+    workspace: Optional[Workspace]
+    pid: int
+    peak_ram: int
+    done: Deferred[RunResult]
+
+    def kill(self, reason: str) -> None: ...
+
+    def gone(self) -> None: ...
 
 
 class JobRun:
@@ -278,12 +365,16 @@ class JobRun:
         spawn: Callable[..., Any] = spawn_in_session,
         clock: Any = None,
         max_time: Optional[float] = None,
+        remove_workdir: bool = False,
     ) -> None:
         self._reactor = reactor
         # Timers run on their own clock so that tests can drive them with task.Clock while the
         # process itself is real.
         self._clock = clock if clock is not None else reactor
         self.max_time = max_time
+        # The job's directory goes when it ends (no behaviours of its own decide): a spawner that
+        # can (the launcher) is asked to remove it, else the queue does.
+        self.remove_workdir = remove_workdir
         self._time_call: Any = None
         self.files = files
         self.workspace = workspace
@@ -296,7 +387,7 @@ class JobRun:
         self.started = 0.0
         self.peak_ram = 0
         self.kill_reason = ""
-        self._kill_call: Any = None
+        self._group_kill = GroupKill(self._clock, kill_grace)
         self._finished = False
         self._transport: Any = None
         self.on_started: Optional[Callable[[int], None]] = None
@@ -308,14 +399,24 @@ class JobRun:
         except FileNotFoundError:
             pass
         argv = [SHELL, "-c", WRAPPER, ARGV0, self.workspace.cwd, self.files.rc, self.cmd]
-        self.started = time.time()
+        self.started = self._reactor.seconds()
         if self.max_time is not None:
             self._time_call = self._clock.callLater(self.max_time, self.kill, FAIL_TIME)
+        extra: dict[str, Any] = {}
+        if self.remove_workdir and self.workspace.root is not None:
+            extra["remove"] = self.workspace.root
+        if self.workspace.pending:
+            extra["make"] = self.workspace.pending
         self._transport = self._spawn(
             self._reactor, JobProtocol(self), SHELL, argv, self.workspace.exact_env, self.workspace.extra_env,
-            (os.devnull, self.files.out, self.files.err),
+            (os.devnull, self.files.out, self.files.err), **extra,
         )
         return self.pid
+
+    @property
+    def workdir_removed(self) -> bool:
+        """Whether the spawner removes the job's directory itself once it has ended."""
+        return bool(getattr(self._transport, "removes_workdir", False))
 
     def _process_started(self, transport: Any) -> None:
         """The process runs: its pid is known (at once when the daemon spawns it, when the
@@ -341,9 +442,16 @@ class JobRun:
         self.kill_reason = self.kill_reason or reason
         if not self.pid:
             return  # not running yet: done as soon as it is (see _process_started)
-        signal_group(self.pid, signal.SIGTERM)
-        if self._kill_call is None:
-            self._kill_call = self._clock.callLater(self.kill_grace, signal_group, self.pid, signal.SIGKILL)
+        self._group_kill(self.pid)
+
+    def _start_failed(self, why: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._time_call is not None and self._time_call.active():
+            self._time_call.cancel()
+        now = self._reactor.seconds()
+        self.done.callback(RunResult(exitcode=None, signal=None, started=self.started, ended=now, start_error=why))
 
     def _process_ended(self, reason: Failure, rusage: Any) -> None:
         if self._finished:
@@ -369,7 +477,7 @@ class JobRun:
             exitcode=exitcode if sig is None else None,
             signal=sig,
             started=self.started,
-            ended=time.time(),
+            ended=self._reactor.seconds(),
             cpu_time=cpu,
             peak_ram=peak,
             stdout=read_bounded(self.files.out, self.output_limit),
@@ -378,6 +486,43 @@ class JobRun:
             lost=lost and not self.kill_reason,
         )
         self.done.callback(result)
+
+
+class AdoptedRun:
+    """A job process found alive after a restart, or whose end an earlier daemon never recorded.
+    It is not our child, so it cannot be waited for: the sampler reports when it has gone, and
+    its status file and output tell the rest."""
+
+    workspace = None
+
+    def __init__(self, files: RunFiles, pid: int, started: float, output_limit: int, clock: Any,
+                 kill_grace: float) -> None:
+        self.files = files
+        self.pid = pid
+        self.started = started
+        self.output_limit = output_limit
+        self._clock = clock
+        self._group_kill = GroupKill(clock, kill_grace)
+        self.peak_ram = 0
+        self.kill_reason = ""
+        self.done: Deferred[RunResult] = Deferred()
+
+    def kill(self, reason: str) -> None:
+        if self.done.called or not self.pid:
+            return
+        self.kill_reason = self.kill_reason or reason
+        self._group_kill(self.pid)
+
+    def gone(self) -> None:
+        if self.done.called:
+            return
+        exitcode, _pid = self.files.exit_record()
+        self.done.callback(RunResult(
+            exitcode=exitcode, signal=None, started=self.started, ended=self._clock.seconds(),
+            peak_ram=self.peak_ram, stdout=read_bounded(self.files.out, self.output_limit),
+            stderr=read_bounded(self.files.err, self.output_limit),
+            kill_reason=self.kill_reason, lost=exitcode is None and not self.kill_reason,
+        ))
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -440,14 +585,3 @@ def find_job_processes(run_dir: Path) -> dict[str, int]:
             if name.endswith(".rc"):
                 found[name[:-3]] = proc.info["pid"]
     return found
-
-
-def host_identity() -> tuple[str, str]:
-    """This machine's name and an address other hosts could reach it by (best effort)."""
-    host = socket.gethostname()
-    address = "127.0.0.1"
-    for addresses in psutil.net_if_addrs().values():
-        for entry in addresses:
-            if entry.family == socket.AF_INET and not entry.address.startswith("127."):
-                return host, entry.address
-    return host, address

@@ -1,0 +1,95 @@
+"""wmgr.jobs.launcher with a real launcher process: whatever one spawn request makes posix_spawn
+raise fails that job alone, with its reason, and the launcher goes on starting the next ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from tests.harness import until
+from wmgr.jobs.launcher import Launcher, LauncherPool
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Recorder:
+    """A process protocol that tells how its process went: ("started", pid), ("failed", why),
+    ("ended", reason)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.finished: Deferred[list[tuple[str, Any]]] = Deferred()
+
+    def makeConnection(self, transport: Any) -> None:
+        self.events.append(("started", transport.pid))
+
+    def processEnded(self, reason: Any) -> None:
+        self.events.append(("ended", getattr(reason.value, "exitCode", None)))
+        self.finished.callback(self.events)
+
+    def startFailed(self, why: str) -> None:
+        self.events.append(("failed", why))
+        self.finished.callback(self.events)
+
+
+@pytest.fixture
+def launcher(reactor: Any) -> Any:
+    launcher = Launcher(reactor)
+    launcher.start()
+    yield launcher
+    launcher.stop()
+
+
+def spawn(launcher: Launcher, reactor: Any, tmp_path: Path, cmd: str, env: Any = None, name: str = "j") -> Recorder:
+    recorder = Recorder()
+    stdio = ("/dev/null", str(tmp_path / f"{name}.out"), str(tmp_path / f"{name}.err"))
+    launcher.spawn(reactor, recorder, "/bin/sh", ["/bin/sh", "-c", cmd], env, {}, stdio)
+    return recorder
+
+
+@pytest.mark.parametrize("bad_env, bad_cmd, reason", [
+    ({"A": "b\x00c"}, "true", "invalid value"),
+    ({"A": "lone \ud800"}, "true", "invalid value"),
+    (None, "true \x00 nul", "invalid value"),
+    (None, "echo " + "x" * 200_000, "Argument list too long (E2BIG)"),
+])
+@pytest_twisted.ensureDeferred
+async def test_one_bad_spawn_fails_alone(launcher: Launcher, reactor: Any, tmp_path: Path, bad_env: Any,
+                                         bad_cmd: str, reason: str) -> None:
+    bad = spawn(launcher, reactor, tmp_path, bad_cmd, bad_env, "bad")
+    good = [spawn(launcher, reactor, tmp_path, f"exit {i}", None, f"good{i}") for i in range(5)]
+    events = await bad.finished.addTimeout(10, reactor)
+    assert len(events) == 1 and events[0][0] == "failed" and reason in events[0][1], events
+    for i, recorder in enumerate(good):
+        events = await recorder.finished.addTimeout(10, reactor)
+        assert events[0][0] == "started" and events[-1] == ("ended", i)
+    assert launcher.restarts == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_launcher_removes_a_jobs_directory_once_it_has_ended(
+        launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
+    workdir = tmp_path / "wr_cwd" / "job"
+    (workdir / "cwd").mkdir(parents=True)
+    recorder = Recorder()
+    stdio = ("/dev/null", str(tmp_path / "out"), str(tmp_path / "err"))
+    process = launcher.spawn(reactor, recorder, "/bin/sh", ["/bin/sh", "-c", f"echo x > {workdir}/cwd/file"], None,
+                             {}, stdio, remove=str(workdir))
+    assert process.removes_workdir
+    events = await recorder.finished.addTimeout(10, reactor)
+    assert events[-1] == ("ended", 0)
+
+    async def removed() -> bool:
+        return not workdir.exists()
+
+    await until(reactor, removed, timeout=10)
+
+
+def test_pool_restarts_count_its_launchers() -> None:
+    pool = LauncherPool(reactor=None, size=3)
+    pool.launchers[0].restarts, pool.launchers[2].restarts = 2, 1
+    assert pool.restarts == 3
