@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from urllib.parse import parse_qs
 from typing import Any, Iterable, Mapping, Union
 
 from klein import Klein
@@ -17,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from wmgr.api.common import install_error_handlers, json_response
+from wmgr.api.common import install_error_handlers, json_response, url_query
 from wmgr.auth import presented_token, token_matches
 
 log = Logger()
@@ -87,8 +86,7 @@ class Root(Resource):
         # Only the URL's own query string counts: request.args also holds the fields of a
         # form-encoded body, which is what pfurl labels its JSON as, and a command in that body
         # could then pose as the token.
-        _, _, query_string = request.uri.partition(b"?")
-        query_token = parse_qs(query_string).get(b"token", [None])[0]
+        query_token = url_query(request).get("token", [""])[0].encode("utf-8")
         return token_matches(self._token, presented_token(request.getHeader(b"authorization"), query_token))
 
     @staticmethod
