@@ -28,6 +28,8 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 
+from wmgr.safefile import replace_file
+
 log = Logger()
 
 CA_DAYS = 3650
@@ -41,19 +43,11 @@ def _now() -> datetime.datetime:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a file readable by its owner only, atomically (a crash leaves the old one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    replace_file(path, data, 0o644, sync=False)
 
 
 def server_names(extra: Iterable[str] = ()) -> list[x509.GeneralName]:
