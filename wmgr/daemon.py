@@ -72,6 +72,7 @@ class WmgrService(MultiService):
         self.queue: Optional[JobQueue] = None
         self.launcher: Optional[LauncherPool] = None
         self._started: Optional[Deferred[None]] = None
+        self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
 
@@ -86,6 +87,7 @@ class WmgrService(MultiService):
 
     def _failed_to_start(self, failure: Any) -> None:
         log.failure("wmgr could not start", failure)
+        self.start_failure = failure
         if self._reactor.running:
             self._reactor.stop()
         else:
