@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -118,6 +119,8 @@ class Store:
         self._readers = ThreadPool(minthreads=1, maxthreads=readers, name="wmgr-store-read")
         self._local = threading.local()
         self.commits = 0  # transactions committed; the tests and benchmarks read it
+        # Called on the reactor thread with each batch commit's seconds (the metrics read them).
+        self.commit_observers: list[Callable[[float], None]] = []
         self._durable = True  # what the writer connection's synchronous setting is now
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -195,6 +198,7 @@ class Store:
         if durable != self._durable:
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._durable = durable
+        began = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for operation, d, _ in work:
@@ -208,6 +212,9 @@ class Store:
                 outcomes.append((d, result))
             conn.execute("COMMIT")
             self.commits += 1
+            seconds = time.perf_counter() - began
+            for observe in self.commit_observers:
+                self._reactor.callFromThread(observe, seconds)
         except BaseException:
             # The commit itself failed (disk full, I/O error): nothing in this batch is durable.
             failure = Failure()

@@ -185,6 +185,7 @@ class Launcher:
         self._running: dict[int, LaunchedProcess] = {}
         self._protocol: Optional[LauncherProtocol] = None
         self._stopping = False
+        self.restarts = 0
 
     def start(self) -> None:
         self._stopping = False
@@ -238,6 +239,7 @@ class Launcher:
         self._starting.clear()
         if not self._stopping:
             log.error("the job launcher died ({why}); starting a new one", why=reason.getErrorMessage())
+            self.restarts += 1
             self.start()
 
 
@@ -257,6 +259,10 @@ class LauncherPool:
     def stop(self) -> None:
         for launcher in self.launchers:
             launcher.stop()
+
+    @property
+    def restarts(self) -> int:
+        return sum(launcher.restarts for launcher in self.launchers)
 
     def spawn(self, *args: Any) -> LaunchedProcess:
         launcher = min(self.launchers, key=lambda each: len(each._starting))

@@ -24,6 +24,7 @@ import sqlite3
 import time
 from collections import ChainMap, Counter
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -190,6 +191,16 @@ class JobQueue:
         self.draining = False  # no new starts, and the daemon stops once nothing runs
         self.on_drained: Callable[[], Any] = lambda: None
         self.running = False  # True between start() and stop()
+        self.counters = SimpleNamespace(started=0, completed=0, failed=0)  # runs, for the metrics
+
+    def state_counts(self) -> dict[str, int]:
+        """Live jobs by state (for the metrics; a scan: the core keeps these as counters)."""
+        return dict(Counter(job.state for job in self.live.values()))
+
+    def usage(self) -> dict[str, Any]:
+        capacity = self.scheduler.capacity
+        return {"running": len(self.runs), "cores_used": self.scheduler.used_cores, "cores_total": capacity.cores,
+                "memory_used_mb": self.scheduler.used_memory, "memory_total_mb": capacity.memory}
 
     @property
     def mode(self) -> str:
@@ -643,6 +654,7 @@ class JobQueue:
         # Reserved, as in wr, until the process is known to run (its pid reported).
         job.state = model.RUNNING if run.pid else model.RESERVED
         job.attempts += 1
+        self.counters.started += 1
         job.pid, job.host, job.host_ip = run.pid, self.host, self.host_ip
         if not run.pid:
             run.on_started = lambda pid: self._started(job, run, pid)
@@ -684,6 +696,10 @@ class JobQueue:
         # The slot is free now: the next job need not wait for this one's end to be committed.
         self._reschedule()
         samples = self._record(job, result)
+        if job.state == model.COMPLETE:
+            self.counters.completed += 1
+        else:
+            self.counters.failed += 1
         if run.workspace is not None and run.workspace.tmp:
             remove_tmp(run.workspace.tmp)
         # Only once the end is committed may the files that also record it go (see _recover).
