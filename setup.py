@@ -28,6 +28,10 @@ setup(
         "psutil>=5.9",
         # wr's job keys are FarmHash Fingerprint128; clients that compute keys must find their jobs.
         "pyfarmhash>=0.3",
+        # /metrics: the reference Prometheus client, so the exposition format (escaping, HELP/TYPE,
+        # histograms) is right by construction; per-daemon registries and custom collectors let the
+        # job counts be read from the domain at scrape time, with no calls on the hot paths.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "mysql": ["pymysql>=1.1"],
@@ -38,6 +42,8 @@ setup(
             "openapi-spec-validator>=0.7",
             "pymysql>=1.1",
             "pfurl>=2.3",
+            # Property-based fuzzing of every operation of /openapi.json against the real daemon.
+            "schemathesis>=4.0",
         ],
     },
     entry_points={"console_scripts": ["wmgr=wmgr.cli:main"]},

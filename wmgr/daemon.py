@@ -21,7 +21,9 @@ from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
-from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.channel import BodyLimits, WmgrSite
+from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
+from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
@@ -30,6 +32,7 @@ from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
+from wmgr.metrics import Metrics
 from wmgr.store import Store
 from wmgr.tls import ServerTLS, write_public
 
@@ -122,10 +125,15 @@ class WmgrService(MultiService):
         self._add_timer(config.prune_interval, "prune the job history", self.queue.prune)
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
+        openapi = document([WR_PATHS, PMAN_PATHS, ROOT_PATHS, METRICS_PATHS])
+        self.metrics = Metrics(openapi["paths"])
+        self.metrics.watch(self.queue, self.launcher, self.store)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
-                    (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, ROOT_PATHS])).app.resource()
-        site = QuietSite(Root(token, surfaces, fallback))
+                    (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit).resource()),
+                    Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
+        fallback = RootApp(openapi).app.resource()
+        site = WmgrSite(Root(token, surfaces, fallback), BodyLimits(config.body_limits), config.header_timeout,
+                        observe=self.metrics.observe_request, reactor=self._reactor)
 
         port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)
         self.ports.append(port)
