@@ -66,8 +66,18 @@ def test_the_deadline_is_armed_again_for_the_next_request_on_a_kept_alive_connec
     transport.clear()
     clock.advance(4.9)
     assert transport.value() == b"" and not transport.disconnecting
+    channel.dataReceived(b"GET /b HTTP/1.1\r\n")
     clock.advance(0.2)
     assert answer(transport)[0] == 408
+
+
+def test_an_idle_connection_is_closed_without_an_answer() -> None:
+    clock, resource, channel, transport = connect()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    transport.clear()
+    clock.advance(5)
+    # Not a 408: a client sending its next request right now would read it as that one's answer.
+    assert transport.value() == b"" and transport.disconnecting
 
 
 def test_a_body_announced_over_the_limit_is_refused_before_it_is_read() -> None:

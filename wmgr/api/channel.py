@@ -8,9 +8,10 @@ chunked one as soon as it goes over. Either way the client gets a 413 with a JSO
 connection closes (the rest of the body is never read).
 
 A client must send its request line and headers within `header_timeout` seconds of connecting
-(or of its previous response, on a kept-alive connection), or it gets a 408 and is disconnected:
-Twisted's own timeout is reset by every byte, so a client trickling header bytes (slowloris) would
-hold its connection for ever.
+(or of its previous response, on a kept-alive connection), or it gets a 408 and is disconnected
+(an idle connection, with no byte of a request yet, is closed without an answer): Twisted's own
+timeout is reset by every byte, so a client trickling header bytes (slowloris) would hold its
+connection for ever.
 
 Twisted answers what it cannot parse (a bad request line, a bad header, too many headers) with a
 bare 400 and no body; here those 400s carry a JSON reason like every other error.
@@ -91,10 +92,16 @@ class LimitedChannel(HTTPChannel):
 
     _deadline: Any = None
     _refused = False
+    _request_begun = False  # bytes of the awaited request have arrived
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if data:
+            self._request_begun = True
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._disarm()
@@ -111,6 +118,7 @@ class LimitedChannel(HTTPChannel):
 
     def _arm(self) -> None:
         self._disarm()
+        self._request_begun = False
         if self.header_timeout:
             self._deadline = self.callLater(self.header_timeout, self._headers_late)
 
@@ -121,6 +129,13 @@ class LimitedChannel(HTTPChannel):
 
     def _headers_late(self) -> None:
         self._deadline = None
+        if not self._request_begun:
+            # An idle connection (kept alive, or opened and never used): close it without an
+            # answer, which a client could take for the answer to a request it is sending now.
+            self._refused = True
+            self.loseConnection()
+            self.callLater(1.0, self._abort)
+            return
         self.refuse(408, f"the request's headers did not arrive within {self.header_timeout:g} seconds")
         # A client that sends slowly may read slowly too: do not wait for it to take the answer.
         self.callLater(1.0, self._abort)
