@@ -139,3 +139,14 @@ def test_json_nested_deep_is_a_400_on_the_pman_command() -> None:
     stub = pm.make_stub(pm.make_pman())
     answer = pm.call(stub, "POST", "/api/v1/cmd/", body="[" * 100_000 + "]" * 100_000)
     assert answer.code == 400 and "nested too deeply" in json.dumps(answer.json())
+
+
+def test_values_stored_before_the_bounds_never_make_a_listing_invalid() -> None:
+    spec = model.normalise(model.parse_spec({"cmd": "true"}, {}))
+    spec.update(time=float("inf"), memory=10**29)
+    job = model.Job("k" * 32, spec, model.READY, 1)
+    nan_spec = dict(spec, time=float("nan"))
+    listing = model.statuses_json([(job, 0), (model.Job("j" * 32, nan_spec, model.READY, 2), 0)], 0.0)
+    assert b"Infinity" not in listing and b"NaN" not in listing
+    shown = json.loads(listing)
+    assert shown[0]["ExpectedTime"] == model.MAX_TIME_S and shown[0]["ExpectedRAM"] == model.MAX_MEMORY_MB

@@ -428,8 +428,11 @@ class Job:
         self.stdout = ""
         self.stderr = ""
         # What the scheduler reserves: the requested values, or learned ones (see learning.py).
-        self.expected_ram: int = spec["memory"]
-        self.expected_time: float = spec["time"]
+        # Bounded again here: a store written before the bounds may hold 1e29 MB or Infinity,
+        # which would make every listing that shows the job invalid JSON (NaN fails both tests).
+        ram, seconds = spec["memory"], spec["time"]
+        self.expected_ram: int = ram if ram <= MAX_MEMORY_MB else MAX_MEMORY_MB
+        self.expected_time: float = seconds if seconds <= MAX_TIME_S else MAX_TIME_S
         # (rep group, state, exit code, fail reason) as last written: the store's counters move
         # from this to the new values with every write.
         self.stored: Optional[tuple[str, str, int, str]] = None
