@@ -124,6 +124,9 @@ def test_every_answered_request_is_observed_with_its_latency() -> None:
     clock, resource, channel, transport = connect(observe=lambda *args: seen.append(args))
     channel.dataReceived(b"GET /a/b HTTP/1.1\r\nHost: x\r\n\r\n")
     assert seen == [(b"GET", b"/a/b", 200, 0.0)]
+    clock, resource, channel, transport = connect(observe=lambda *args: seen.append(args))
+    channel.dataReceived(b"PUT /x?y=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+    assert seen[-1] == (b"PUT", b"/x", 413, 0.0)
 
 
 def test_body_limits_need_one_for_every_path() -> None:

@@ -240,7 +240,8 @@ async def test_a_start_on_a_taken_port_exits_non_zero(daemon, tmp_path):
 
 def test_a_start_with_an_unusable_data_dir_exits_non_zero(tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    code, log = _start_fails(twistd_command() + ["-n", "--pidfile=", "wmgr", "--data-dir", str(tmp_path / "file" / "data"),
-                                                 "--port", "0"], str(tmp_path))
+    data_dir = str(tmp_path / "file" / "data")
+    code, log = _start_fails(twistd_command() + ["-n", "--pidfile=", "wmgr", "--data-dir", data_dir, "--port", "0"],
+                             str(tmp_path))
     assert code == 1, log
     assert "could not start" in log

@@ -152,7 +152,8 @@ async def test_metrics_scraped_from_the_daemon(daemon, client, reactor):
     routes = {dict(labels)["route"] for name, labels in got if name == "wmgr_http_requests_total"}
     assert "/rest/v1/jobs/{ids}" in routes and "/rest/v1/jobs/" in routes
     assert not any("metrics" in route and route != "/metrics" for route in routes)
-    assert got[("wmgr_http_requests_total", (("method", "GET"), ("route", "/rest/v1/jobs/{ids}"), ("status", "200")))] == 2
+    by_key = (("method", "GET"), ("route", "/rest/v1/jobs/{ids}"), ("status", "200"))
+    assert got[("wmgr_http_requests_total", by_key)] == 2
     reply = await client.get("metrics", token=False)
     assert reply.code == 401 and "token" in reply.json()["error"]
 

@@ -157,6 +157,9 @@ class LimitedChannel(HTTPChannel):
             return
         self._refused = True
         self._disarm()
+        site = getattr(self, "site", None)
+        if site is not None:  # counted like any answer (the request line, if it came, is kept as _command/_path)
+            site.observe_refusal(getattr(self, "_command", b""), getattr(self, "_path", b""), code)
         body = json.dumps({"error": reason}).encode("utf-8")
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
@@ -188,6 +191,10 @@ class WmgrSite(QuietSite):
         channel.body_limits = self.body_limits
         channel.header_timeout = self.header_timeout
         return channel
+
+    def observe_refusal(self, method: bytes, path: bytes, code: int) -> None:
+        if self._observe is not None:
+            self._observe(method, path.partition(b"?")[0], code, 0.0)
 
     def log(self, request: Any) -> None:
         if self._observe is not None:

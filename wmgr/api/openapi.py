@@ -168,7 +168,8 @@ SCHEMAS: dict[str, Any] = {
         "limit_grps": {"type": "array", "nullable": True, "items": {
             "type": "string", "pattern": r"^[^:\s]+(:[0-9]{1,6})?$",
             "description": "a group name, optionally :N (0 to 1000000 running at once)"}},
-        "env": {"type": "array", "nullable": True, "items": {"type": "string", "pattern": r"^[^=\x00][^=\x00]*=[^\x00]*$"}},
+        "env": {"type": "array", "nullable": True,
+                "items": {"type": "string", "pattern": r"^[^=\x00][^=\x00]*=[^\x00]*$"}},
         "on_failure": _BEHAVIOURS, "on_success": _BEHAVIOURS, "on_exit": _BEHAVIOURS,
         "mounts": {"type": "array", "maxItems": 0, "description": "not supported: must be empty"},
         "monitor_docker": _TEXT,

@@ -86,7 +86,8 @@ def parse_memory(value: Any) -> int:
         raise InvalidRequest(f"memory {_shown(value)} is not a number followed by a unit such as 5M or 3G")
     megabytes = float(match.group(1)) * _MEMORY_MB[match.group(2).upper()]
     if not megabytes <= MAX_MEMORY_MB:  # also catches inf (a number of 400 digits)
-        raise InvalidRequest(f"memory {_shown(value)} is more than the most a job may ask for ({MAX_MEMORY_MB // 1024**2}T)")
+        raise InvalidRequest(
+            f"memory {_shown(value)} is more than the most a job may ask for ({MAX_MEMORY_MB // 1024**2}T)")
     return max(1, math.ceil(megabytes))
 
 
