@@ -150,3 +150,16 @@ def test_values_stored_before_the_bounds_never_make_a_listing_invalid() -> None:
     assert b"Infinity" not in listing and b"NaN" not in listing
     shown = json.loads(listing)
     assert shown[0]["ExpectedTime"] == model.MAX_TIME_S and shown[0]["ExpectedRAM"] == model.MAX_MEMORY_MB
+
+
+@pytest.mark.parametrize("path", ["/rest/v1/jobs/%FF", "/%FF%FE", "/rest/v1/jobs/%C3%A9%C3"])
+def test_a_path_that_is_not_utf8_is_a_json_400(path: str) -> None:
+    assert "UTF-8" in wr.assert_json_error(wr.call(wr.make_stub(SearchingQueue()), "GET", path), 400)
+
+
+def test_a_host_that_is_not_utf8_is_a_json_400() -> None:
+    stub = wr.make_stub()
+    d = stub.request("GET", wr.BASE + "/rest/v1/info/",
+                     headers={b"Authorization": [f"Bearer {wr.TOKEN}".encode()], b"Host": [b"\xff\xfe"]})
+    stub.flush()
+    assert "UTF-8" in wr.assert_json_error(wr.Answer(wr.result_of(d)), 400)

@@ -24,7 +24,7 @@ from tests.integration.test_wr_jobs import no_job_outlives_its_test  # noqa: F40
 KILLS = int(os.environ.get("WMGR_CRASH_KILLS", "3"))
 JOBS = int(os.environ.get("WMGR_CRASH_JOBS", "300"))
 SEED = int(os.environ.get("WMGR_CRASH_SEED", str(random.randrange(1 << 30))))
-BATCH = max(50, JOBS // 20)
+BATCH = max(25, JOBS // 100)
 GROUP = "crash"
 ENDED = ("complete", "buried")
 # A job whose run the daemon cannot account for after a kill (no exit status found) is `lost`, as
@@ -44,14 +44,22 @@ async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice(mak
     acknowledged: dict[str, int] = {}  # key -> job number
     added = 0
     kills_during_adds = 0
-    # Jobs run at about this rate on a loaded two-core machine: kills spread over adds and runs.
-    span = max(1.0, JOBS / 400)
+    kills_during_runs = 0
+    # Jobs run at a few hundred a second on a loaded two-core machine: the kills are spread over
+    # about the time the adds and runs take.
+    span = max(1.0, JOBS / 300)
+
+    def crash(daemon: Any) -> None:
+        nonlocal kills_during_runs
+        kills_during_runs += len(os.listdir(ran)) < JOBS
+        daemon.crash()
+
     for round_ in range(KILLS + 1):
         daemon = await make_daemon(config="[jobs]\nsample_interval = 0.2\n")
         client = daemon.client(reactor, persistent=False)
-        crash = None
+        kill = None
         if round_ < KILLS:
-            crash = reactor.callLater(chance.uniform(0.05, span), daemon.crash)
+            kill = reactor.callLater(chance.uniform(0.05, 2 * span / KILLS), crash, daemon)
         try:
             while added < len(batches) and daemon.process.poll() is None:
                 try:
@@ -63,8 +71,8 @@ async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice(mak
                 for job in statuses:
                     acknowledged[job["Key"]] = int(job["Cmd"].rsplit("/", 1)[1])
                 added += 1
-            if crash is not None:
-                if crash.active():
+            if kill is not None:
+                if not kill.active():
                     kills_during_adds += added < len(batches)
                 await until(reactor, _dead(daemon), timeout=max(60.0, span * 2))
         finally:
@@ -121,7 +129,8 @@ async def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice(mak
     assert twice == [], f"jobs that ran more than once (seed {SEED}): {twice[:10]}"
     assert buried_without_reason == [], buried_without_reason[:10]
     assert complete_never_ran == [], complete_never_ran[:10]
-    print(f"\ncrash test (seed {SEED}): {KILLS} kills ({kills_during_adds} while adding), {JOBS} jobs "
+    print(f"\ncrash test (seed {SEED}): {KILLS} kills ({kills_during_adds} while adding, {kills_during_runs} "
+          f"before every job had run), {JOBS} jobs "
           f"acknowledged and found, by state {counts}, none ran twice; {lost} were lost and confirmed "
           f"({lost_ran} of them had run)")
 

@@ -73,6 +73,11 @@ class Root(Resource):
     def render(self, request: Any) -> Any:
         started = time.monotonic()
         request.notifyFinish().addBoth(self._log, request, started)
+        try:  # Klein answers a path or host that is not UTF-8 with a plain-text 400
+            b"/".join(request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return json_response(request, {"error": "the path (once %-decoded) or the Host is not UTF-8 text"}, 400)
         first = request.postpath[0] if request.postpath else b""
         surface = self._surfaces.get(first, self._fallback)
         token_ok = request.path in PUBLIC_PATHS or self._authorised(request)
