@@ -27,6 +27,10 @@ setup(
         "psutil>=5.9",
         # wr's job keys are FarmHash Fingerprint128; clients that compute keys must find their jobs.
         "pyfarmhash>=0.3",
+        # /metrics: the reference Prometheus client, so the exposition format (escaping, HELP/TYPE,
+        # histograms) is right by construction; per-daemon registries and custom collectors let the
+        # job counts be read from the domain at scrape time, with no calls on the hot paths.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [
@@ -35,6 +39,8 @@ setup(
             "pytest-timeout>=2.1",
             "openapi-spec-validator>=0.7",
             "pfurl>=2.3",
+            # Property-based fuzzing of every operation of /openapi.json against the real daemon.
+            "schemathesis>=4.0",
         ],
     },
     # A flat layout with a top-level twisted/plugins: the default (strict) editable install hides

@@ -23,7 +23,9 @@ from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
-from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.channel import BodyLimits, WmgrSite
+from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
+from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
@@ -32,6 +34,7 @@ from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
+from wmgr.metrics import Metrics
 from wmgr.store import Store
 from wmgr.files import write_public
 from wmgr.host import host_name
@@ -86,6 +89,7 @@ class WmgrService(MultiService):
         self.queue: Optional[JobQueue] = None
         self.launcher: Optional[LauncherPool] = None
         self._started: Optional[Deferred[None]] = None
+        self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
 
@@ -100,6 +104,7 @@ class WmgrService(MultiService):
 
     def _failed_to_start(self, failure: Any) -> None:
         log.failure("wmgr could not start", failure)
+        self.start_failure = failure
         if self._reactor.running:
             self._reactor.stop()
         else:
@@ -129,11 +134,16 @@ class WmgrService(MultiService):
         self._add_timer(config.prune_interval, "prune the job history", self.queue.prune)
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
+        openapi = document([WR_PATHS, PMAN_PATHS, ROOT_PATHS, METRICS_PATHS])
+        self.metrics = Metrics(openapi["paths"])
+        self.metrics.watch(self.queue, self.launcher, self.store)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
-                                       shutdown=self.shutdown).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, ROOT_PATHS])).app.resource()
-        site = QuietSite(Root(token, surfaces, fallback))
+                                       shutdown=self.shutdown).resource()),
+                    Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
+        fallback = RootApp(openapi).app.resource()
+        site = WmgrSite(Root(token, surfaces, fallback), BodyLimits(config.body_limits), config.header_timeout,
+                        observe=self.metrics.observe_request, reactor=self._reactor)
 
         self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,
                                                           interface=config.interface), site)
