@@ -79,6 +79,11 @@ class Config:
     upload_roots: list[str] = field(default_factory=lambda: ["~", "/tmp"],
                                     metadata={"ini": ("upload", "roots", _names)})
     pman_allow_quit: bool = field(default=False, metadata={"ini": ("pman", "allow_quit", _boolean)})
+    connections_ttl: float = field(default=10.0, metadata={"ini": ("connections", "ttl", float)})
+    connections_match: str = field(default="fullmatch", metadata={"ini": ("connections", "match", str)})
+    connections_open: bool = field(default=False, metadata={"ini": ("connections", "open", _boolean)})
+    connections_max_body: int = field(default=8 << 20, metadata={"ini": ("connections", "max_body", int)})
+    connections_max_regex: int = field(default=1024, metadata={"ini": ("connections", "max_regex", int)})
 
     @classmethod
     def load(cls, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "Config":
@@ -127,3 +132,7 @@ class Config:
             raise InvalidRequest("memory_margin and time_margin must be >= 0")
         if self.history_max_age < 0 or self.history_max_count < 0 or self.prune_interval <= 0:
             raise InvalidRequest("history max_age and max_count must be >= 0, prune_interval > 0")
+        if self.connections_ttl <= 0 or self.connections_max_body <= 0 or self.connections_max_regex <= 0:
+            raise InvalidRequest("[connections] ttl, max_body and max_regex must be > 0")
+        if self.connections_match not in ("fullmatch", "search"):
+            raise InvalidRequest("[connections] match must be fullmatch or search")

@@ -20,11 +20,14 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
+from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
+from wmgr.api.connections import SEGMENTS as CONNECTION_SEGMENTS
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
-from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.root import QuietSite, Root, RootApp, Surface
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
+from wmgr.connections.service import ConnectionService
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
@@ -122,7 +125,13 @@ class WmgrService(MultiService):
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, ROOT_PATHS])).app.resource()
+        connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)
+        await connections.load()
+        connections.setServiceParent(self)
+        surfaces.append(Surface(CONNECTION_SEGMENTS, ConnectionsAPI(
+            connections, config.connections_open, config.connections_max_body, config.connections_max_regex,
+        ).resource(), own_auth=True))
+        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback))
 
         port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)
