@@ -130,7 +130,7 @@ class WmgrService(MultiService):
         connections.setServiceParent(self)
         surfaces.append(Surface(CONNECTION_SEGMENTS, ConnectionsAPI(
             connections, config.connections_open, config.connections_max_body, config.connections_max_regex,
-        ).resource(), own_auth=True))
+        ).resource(), own_auth=True, quiet=True))
         fallback = RootApp(document([WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback))
 

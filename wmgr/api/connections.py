@@ -73,6 +73,9 @@ class ConnectionsAPI:
         data_type = _text(body, "data_type", empty=True)
         answer = self.service.lookup(partition, uid_regex, data_type)
         request.setHeader(b"Content-Type", JSON)
+        # With a length, Twisted writes the (often cached, up to megabytes) reply as it is;
+        # without one it would copy it into a chunk.
+        request.setHeader(b"Content-Length", b"%d" % len(answer))
         return answer
 
     @app.route("/retract", methods=["POST"])
