@@ -17,19 +17,25 @@ PartitionEntries = list[tuple[str, list[Entry]]]
 Operation = Callable[[sqlite3.Connection], Any]
 
 
-def save(partition: str, entries: Iterable[Entry]) -> Operation:
+UPSERT = ("INSERT INTO conn_entries (partition, uid, uri, data_type, connection_type, published, seq) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?) "
+          "ON CONFLICT (partition, uid) DO UPDATE SET uri = excluded.uri, data_type = excluded.data_type, "
+          "connection_type = excluded.connection_type, published = excluded.published")
+
+
+def save(partition: str, entries: Iterable[Entry], new_partition: bool) -> Operation:
     rows = [(partition, e.connection.uid, e.connection.uri, e.connection.data_type,
              json.dumps(e.connection.connection_type), e.published, e.seq) for e in entries]
 
     def run(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT OR IGNORE INTO conn_partitions (name) VALUES (?)", (partition,))
-        conn.executemany(
-            "INSERT INTO conn_entries (partition, uid, uri, data_type, connection_type, published, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (partition, uid) DO UPDATE SET uri = excluded.uri, data_type = excluded.data_type, "
-            "connection_type = excluded.connection_type, published = excluded.published",
-            rows,
-        )
+        # As few statements as possible: each is a GIL hand-off between this thread and the
+        # reactor's, a large part of what a small publish costs.
+        if new_partition:
+            conn.execute("INSERT OR IGNORE INTO conn_partitions (name) VALUES (?)", (partition,))
+        if len(rows) == 1:
+            conn.execute(UPSERT, rows[0])
+        elif rows:
+            conn.executemany(UPSERT, rows)
 
     return run
 

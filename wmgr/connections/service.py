@@ -86,11 +86,12 @@ class ConnectionService(MultiService):
 
     async def publish(self, partition: str, connections: Iterable[Connection]) -> None:
         started = self._timer()
+        new_partition = partition not in self.registry.partitions
         stored = self.registry.publish(partition, connections, self._reactor.seconds())
         self._note_sizes(partition)
         self.stats.publishes += 1
         self.stats.publish_seconds += self._timer() - started
-        await self._write(journal.save(partition, stored))
+        await self._write(journal.save(partition, stored, new_partition))
 
     async def retract(self, partition: str, uids: list[str]) -> None:
         """Remove the entries named; NotFound if the partition is unknown or (after removing the
