@@ -39,6 +39,9 @@ setup(
             "pymysql>=1.1",
             "pfurl>=2.3",
         ],
+        # bench/connections.py's baseline: the original connectivity server's stack (Flask under
+        # gunicorn), so that its figures compare against that design in the same run.
+        "bench": ["flask>=2.1", "gunicorn>=20.1"],
     },
     entry_points={"console_scripts": ["wmgr=wmgr.cli:main"]},
     # A flat layout with a top-level twisted/plugins: the default (strict) editable install hides
