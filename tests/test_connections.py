@@ -321,3 +321,17 @@ def test_stats_count_publishes_lookups_and_sizes() -> None:
 def test_an_unknown_match_mode_is_refused() -> None:
     with pytest.raises(ValueError):
         Registry(10, match="anywhere")
+
+
+def test_the_connections_options_are_read_and_checked(tmp_path: Any) -> None:
+    from wmgr.config import Config
+
+    path = tmp_path / "wmgr.cnf"
+    path.write_text("[connections]\nttl = 2.5\nmatch = search\nopen = yes\nmax_body = 1000\nmax_regex = 10\n")
+    config = Config.load(str(path))
+    assert (config.connections_ttl, config.connections_match, config.connections_open,
+            config.connections_max_body, config.connections_max_regex) == (2.5, "search", True, 1000, 10)
+    for bad in ("ttl = 0", "match = anywhere", "open = maybe", "max_body = -1"):
+        path.write_text(f"[connections]\n{bad}\n")
+        with pytest.raises(InvalidRequest):
+            Config.load(str(path))

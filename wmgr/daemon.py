@@ -131,6 +131,8 @@ class WmgrService(MultiService):
         surfaces.append(Surface(CONNECTION_SEGMENTS, ConnectionsAPI(
             connections, config.connections_open, config.connections_max_body, config.connections_max_regex,
         ).resource(), own_auth=True, quiet=True))
+        if config.connections_open:
+            log.warn("[connections] open = true: the connection registry's routes answer without a token")
         fallback = RootApp(document([WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback))
 
