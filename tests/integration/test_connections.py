@@ -256,3 +256,26 @@ async def test_entries_expire_and_are_purged(make_daemon: Any, reactor: Any) -> 
         assert (await client.post("/getconnection/ccTest", LOOKUP)).text == "[]"
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_replies_over_both_listeners(make_daemon: Any, reactor: Any) -> None:
+    """Replies past LARGE_REPLY have their headers sent ahead of the body: whole and valid, on
+    plain TCP and on TLS, one after another on one kept-alive connection too."""
+    daemon = await open_daemon(make_daemon)
+    connections = [{"uid": f"DRO-{i:06d}-tp_to_trigger", "uri": f"tcp://192.168.1.100:{1024 + i}",
+                    "data_type": "TPSet", "connection_type": 0} for i in range(5000)]
+    client = plain(reactor, daemon)
+    kept_alive = Client(reactor, f"http://127.0.0.1:{http_port(daemon)}/", None, None)
+    https = daemon.client(reactor)
+    try:
+        await client.post("/publish", {"partition": "big", "connections": connections})
+        expected = [{"uid": c["uid"], "uri": c["uri"], "connection_type": 0, "data_type": "TPSet"}
+                    for c in connections]
+        for c in (client, kept_alive, kept_alive, https, https):
+            reply = await c.post("/getconnection/big", LOOKUP)
+            assert reply.code == 200 and len(reply.body) > 256 * 1024
+            assert reply.json() == expected
+    finally:
+        for c in (client, kept_alive, https):
+            await c.close()

@@ -35,6 +35,7 @@ SEGMENTS = ("", "publish", "getconnection", "retract", "retract-partition", "sta
 HTML = b"text/html; charset=utf-8"
 JSON = b"application/json"
 DUMP_LIMIT = 200  # entries shown per partition by GET /
+LARGE_REPLY = 256 * 1024  # bytes from which a reply's headers are sent ahead of it
 
 
 class ConnectionsAPI:
@@ -76,6 +77,8 @@ class ConnectionsAPI:
         # With a length, Twisted writes the (often cached, up to megabytes) reply as it is;
         # without one it would copy it into a chunk.
         request.setHeader(b"Content-Length", b"%d" % len(answer))
+        if len(answer) >= LARGE_REPLY:
+            _flush_headers(request)
         return answer
 
     @app.route("/retract", methods=["POST"])
@@ -234,6 +237,19 @@ class _Guard(Resource):
             return json_response(request, {"error": "a valid token is required (Authorization: Bearer <token>); "
                                                     "or set [connections] open = true"}, 401)
         return self._inner.render(request)
+
+
+def _flush_headers(request: Any) -> None:
+    """Send the status line and headers of a large reply to the socket before its body is written.
+
+    A TCP transport joins everything waiting in its buffer into one bytes object before sending;
+    with the headers there, that is a copy of the whole body (10.9 MB for 100,000 entries: more
+    than half of what such a lookup cost). With the buffer empty, the body is sent from the cached
+    bytes as they are. TLS transports have no doWrite and encrypt (so copy) anyway."""
+    flush = getattr(getattr(request.channel, "transport", None), "doWrite", None)
+    if flush is not None:
+        request.write(b"")
+        flush()
 
 
 def _ok(request: Any) -> bytes:
