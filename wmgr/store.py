@@ -91,6 +91,8 @@ MIGRATIONS: list[str] = [
     """,
     # 4: the connection registry (wmgr/connections/journal.py). Entries expire ttl seconds after
     # `published`; partitions are listed apart so that an empty one survives a restart too.
+    # One B-tree per entry and no index on `published`: a publish then changes one page, and only
+    # the purge, in the writer thread every few seconds, scans.
     """
     CREATE TABLE conn_partitions (name TEXT PRIMARY KEY);
     CREATE TABLE conn_entries (
@@ -102,8 +104,7 @@ MIGRATIONS: list[str] = [
         published       REAL NOT NULL,
         seq             INTEGER NOT NULL,
         PRIMARY KEY (partition, uid)
-    );
-    CREATE INDEX conn_entries_published ON conn_entries (published);
+    ) WITHOUT ROWID;
     """,
 ]
 
