@@ -335,3 +335,15 @@ def test_the_connections_options_are_read_and_checked(tmp_path: Any) -> None:
         path.write_text(f"[connections]\n{bad}\n")
         with pytest.raises(InvalidRequest):
             Config.load(str(path))
+
+
+def test_a_purge_with_nothing_expired_leaves_the_store_alone() -> None:
+    service, clock, store = make(ttl=10)
+    run(service.purge())  # the first one clears what a restart left behind
+    run(service.publish("p", [dro(0)]))
+    writes = store.writes
+    run(service.purge())
+    assert store.writes == writes
+    clock.advance(10)
+    run(service.purge())
+    assert store.writes == writes + 1 and store.rows() == []

@@ -57,6 +57,7 @@ class ConnectionService(MultiService):
         self._reactor = reactor
         self._timer = timer  # measures handler time for /stats only; the rules use reactor time
         self.stats = Stats(since=reactor.seconds())
+        self._store_may_hold_expired = True
         purger = TimerService(purge_interval(ttl), lambda: ensureDeferred(self.purge()))
         purger.clock = reactor
         purger.setServiceParent(self)
@@ -124,7 +125,12 @@ class ConnectionService(MultiService):
             purged = self.registry.purge(now)
             if purged:
                 log.debug("purged {n} expired connections", n=len(purged))
-            await self._write(journal.delete_expired(now - self.ttl))
+                self._store_may_hold_expired = True
+            if self._store_may_hold_expired:
+                # The store holds what memory holds, plus (until the first purge) the rows that
+                # had expired before a restart and were not loaded; the delete scans the table.
+                await self._write(journal.delete_expired(now - self.ttl))
+                self._store_may_hold_expired = False
         except Exception:
             log.failure("purging expired connections failed; it will run again")
 
