@@ -48,7 +48,10 @@ class Api:
             all_headers.update(JSON)
         if token:
             all_headers.update(AUTH)
-        response = await self.stub.request(method, BASE + path, data=data or None, headers=all_headers)
+        pending = self.stub.request(method, BASE + path, data=data or None, headers=all_headers)
+        self.clock.advance(0)  # the reactor's next iteration: writes go to the store
+        self.stub.flush()
+        response = await pending
         return response.code, await response.content()
 
     async def lookup(self, partition: str = "ccTest", query: Any = None) -> tuple[int, bytes]:
