@@ -42,6 +42,9 @@ setup(
             # Property-based fuzzing of every operation of /openapi.json against the real daemon.
             "schemathesis>=4.0",
         ],
+        # bench/connections.py's baseline: the original connectivity server's stack (Flask under
+        # gunicorn), so that its figures compare against that design in the same run.
+        "bench": ["flask>=2.1", "gunicorn>=20.1"],
     },
     # A flat layout with a top-level twisted/plugins: the default (strict) editable install hides
     # that folder from twistd's plugin scan, so editable installs put the project root on sys.path.

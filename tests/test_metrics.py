@@ -120,3 +120,16 @@ def test_metrics_need_the_token_unless_open(watched, open_without_token: bool) -
         assert without.code == 200
     else:
         assert without.code == 401 and "token" in without.json()["error"]
+
+
+def test_the_connection_registry_is_read_when_scraped(watched) -> None:
+    metrics = watched[0]
+    connections = SimpleNamespace(partitions=lambda: [{"partition": "ses1", "entries": 3},
+                                                      {"partition": "ses2", "entries": 0}],
+                                  stats=SimpleNamespace(publishes=12, lookups=40))
+    metrics.watch_connections(connections)
+    got = samples(metrics)
+    assert got[("wmgr_connections", (("partition", "ses1"),))] == 3
+    assert got[("wmgr_connections", (("partition", "ses2"),))] == 0
+    assert got[("wmgr_connections_publishes_total", ())] == 12
+    assert got[("wmgr_connections_lookups_total", ())] == 40

@@ -7,6 +7,7 @@ import re
 from openapi_spec_validator import validate
 
 from wmgr.api import openapi
+from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.root import RootApp
 from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
@@ -29,11 +30,11 @@ def documented(doc):
 
 
 def test_document_is_valid_openapi_3():
-    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, openapi.ROOT_PATHS, METRICS_PATHS]))
+    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, openapi.ROOT_PATHS, METRICS_PATHS]))
 
 
 def test_every_route_is_documented_and_nothing_else():
-    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, openapi.ROOT_PATHS, METRICS_PATHS])
-    routes = served_routes(WrAPI.app, PmanAPI.app, RootApp.app, MetricsAPI.app)
+    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, openapi.ROOT_PATHS, METRICS_PATHS])
+    routes = served_routes(WrAPI.app, PmanAPI.app, ConnectionsAPI.app, RootApp.app, MetricsAPI.app)
     assert routes - documented(doc) == set()
     assert documented(doc) - routes == set()

@@ -66,7 +66,10 @@ def _body_limits(text: str) -> list[tuple[str, int]]:
     return limits
 
 
-DEFAULT_BODY_LIMITS = "/=1M /rest/v1/jobs/=256M /rest/v1/upload/=4G /api/v1/=16M"
+# The connection routes check their own, smaller limit ([connections] max_body: a 400, as DUNE
+# clients expect); these let such bodies through to that check.
+DEFAULT_BODY_LIMITS = ("/=1M /rest/v1/jobs/=256M /rest/v1/upload/=4G /api/v1/=16M "
+                       "/publish=16M /getconnection/=16M /retract=16M /retract-partition=16M")
 
 
 def _data_dir(text: str) -> Path:
@@ -111,6 +114,11 @@ class Config:
     body_limits: list[tuple[str, int]] = field(default_factory=lambda: _body_limits(DEFAULT_BODY_LIMITS),
                                                metadata={"ini": ("http", "body_limits", _body_limits)})
     metrics_open: bool = field(default=False, metadata={"ini": ("metrics", "open", _boolean)})
+    connections_ttl: float = field(default=10.0, metadata={"ini": ("connections", "ttl", float)})
+    connections_match: str = field(default="fullmatch", metadata={"ini": ("connections", "match", str)})
+    connections_open: bool = field(default=False, metadata={"ini": ("connections", "open", _boolean)})
+    connections_max_body: int = field(default=8 << 20, metadata={"ini": ("connections", "max_body", int)})
+    connections_max_regex: int = field(default=1024, metadata={"ini": ("connections", "max_regex", int)})
 
     @classmethod
     def load(cls, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "Config":
@@ -161,3 +169,7 @@ class Config:
             raise InvalidRequest("history max_age and max_count must be >= 0, prune_interval > 0")
         if not 0 < self.header_timeout <= 3600:
             raise InvalidRequest("header_timeout must be more than 0 and at most 3600 seconds")
+        if self.connections_ttl <= 0 or self.connections_max_body <= 0 or self.connections_max_regex <= 0:
+            raise InvalidRequest("[connections] ttl, max_body and max_regex must be > 0")
+        if self.connections_match not in ("fullmatch", "search"):
+            raise InvalidRequest("[connections] match must be fullmatch or search")

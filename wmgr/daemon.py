@@ -22,6 +22,8 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
+from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
+from wmgr.api.connections import SEGMENTS as CONNECTION_SEGMENTS
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.channel import BodyLimits, WmgrSite
 from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
@@ -29,6 +31,7 @@ from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
+from wmgr.connections.service import ConnectionService
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
@@ -134,13 +137,22 @@ class WmgrService(MultiService):
         self._add_timer(config.prune_interval, "prune the job history", self.queue.prune)
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
-        openapi = document([WR_PATHS, PMAN_PATHS, ROOT_PATHS, METRICS_PATHS])
+        openapi = document([WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, ROOT_PATHS, METRICS_PATHS])
         self.metrics = Metrics(openapi["paths"])
         self.metrics.watch(self.queue, self.launcher, self.store)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
                                        shutdown=self.shutdown).resource()),
                     Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
+        connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)
+        await connections.load()
+        connections.setServiceParent(self)
+        self.metrics.watch_connections(connections)
+        surfaces.append(Surface(CONNECTION_SEGMENTS, ConnectionsAPI(
+            connections, config.connections_open, config.connections_max_body, config.connections_max_regex,
+        ).resource(), own_auth=True, quiet=True))
+        if config.connections_open:
+            log.warn("[connections] open = true: the connection registry's routes answer without a token")
         fallback = RootApp(openapi).app.resource()
         site = WmgrSite(Root(token, surfaces, fallback), BodyLimits(config.body_limits), config.header_timeout,
                         observe=self.metrics.observe_request, reactor=self._reactor)

@@ -88,6 +88,25 @@ class JobCollector:
                                   value=self.launcher.restarts)
 
 
+class ConnectionCollector:
+    """The connection registry: live entries per partition, publications and lookups."""
+
+    def __init__(self, connections: Any) -> None:
+        self.connections = connections
+
+    def collect(self) -> Iterator[Metric]:
+        entries = GaugeMetricFamily("wmgr_connections", "Live entries of the connection registry, by partition",
+                                    labels=["partition"])
+        for partition in self.connections.partitions():
+            entries.add_metric([partition["partition"]], partition["entries"])
+        yield entries
+        stats = self.connections.stats
+        yield CounterMetricFamily("wmgr_connections_publishes", "Connections published since the statistics were reset",
+                                  value=stats.publishes)
+        yield CounterMetricFamily("wmgr_connections_lookups", "Connection lookups since the statistics were reset",
+                                  value=stats.lookups)
+
+
 class Metrics:
     """One daemon's registry, its HTTP and store metrics, and the job collector."""
 
@@ -105,6 +124,9 @@ class Metrics:
     def watch(self, queue: Any, launcher: Any, store: Any) -> None:
         self.registry.register(JobCollector(queue, launcher))
         store.commit_observers.append(self.store_commits.observe)
+
+    def watch_connections(self, connections: Any) -> None:
+        self.registry.register(ConnectionCollector(connections))
 
     def observe_request(self, method: bytes, path: bytes, status: Optional[int], seconds: float) -> None:
         name = method.decode("ascii", "replace")
