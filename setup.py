@@ -31,6 +31,10 @@ setup(
         # The `wmgr` command's tables and live progress bars: well kept, pure Python, no compiled
         # parts, and it degrades to plain text when the output is not a terminal.
         "rich>=13",
+        # /metrics: the reference Prometheus client, so the exposition format (escaping, HELP/TYPE,
+        # histograms) is right by construction; per-daemon registries and custom collectors let the
+        # job counts be read from the domain at scrape time, with no calls on the hot paths.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [
@@ -39,7 +43,12 @@ setup(
             "pytest-timeout>=2.1",
             "openapi-spec-validator>=0.7",
             "pfurl>=2.3",
+            # Property-based fuzzing of every operation of /openapi.json against the real daemon.
+            "schemathesis>=4.0",
         ],
+        # bench/connections.py's baseline: the original connectivity server's stack (Flask under
+        # gunicorn), so that its figures compare against that design in the same run.
+        "bench": ["flask>=2.1", "gunicorn>=20.1"],
     },
     entry_points={"console_scripts": ["wmgr=wmgr.cli:main"]},
     # A flat layout with a top-level twisted/plugins: the default (strict) editable install hides

@@ -137,6 +137,18 @@ def test_the_token_in_the_url_does_not_log_in(setup: Any) -> None:
     assert len(sessions) == 0
 
 
+@pytest.mark.parametrize("body", [b"%C3%BF%EC=1&token=x", "tökén=1".encode(), b"token=%ff", b"a=1&" * 20])
+def test_a_strange_login_form_is_a_400_not_a_500(setup: Any, body: bytes) -> None:
+    stub, _, sessions = setup
+    d = stub.request("POST", BASE + "/ui/login", data=body, headers={
+        b"Origin": [ORIGIN.encode()], b"Content-Type": [b"application/x-www-form-urlencoded"]})
+    stub.flush()
+    answer = Answer(result_of(d))
+    assert answer.code in (400, 401), answer.body
+    assert_json_error(answer, answer.code)
+    assert len(sessions) == 0
+
+
 def test_cross_origin_login_is_refused(setup: Any) -> None:
     stub, _, sessions = setup
     assert_json_error(send(stub, "POST", "/ui/login", origin=EVIL, form={"token": TOKEN}), 403)

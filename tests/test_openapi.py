@@ -8,8 +8,10 @@ from openapi_spec_validator import validate
 
 from wmgr.api import openapi
 from wmgr.api.dashboard import DASHBOARD_PATHS, Dashboard
+from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.root import RootApp
+from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
 from wmgr.api.wr import WrAPI
 
 
@@ -29,11 +31,13 @@ def documented(doc):
 
 
 def test_document_is_valid_openapi_3():
-    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, DASHBOARD_PATHS, openapi.ROOT_PATHS]))
+    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, DASHBOARD_PATHS, openapi.ROOT_PATHS,
+                               METRICS_PATHS]))
 
 
 def test_every_route_is_documented_and_nothing_else():
-    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, DASHBOARD_PATHS, openapi.ROOT_PATHS])
-    routes = served_routes(WrAPI.app, PmanAPI.app, Dashboard.app, RootApp.app)
+    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, DASHBOARD_PATHS, openapi.ROOT_PATHS,
+                            METRICS_PATHS])
+    routes = served_routes(WrAPI.app, PmanAPI.app, ConnectionsAPI.app, Dashboard.app, RootApp.app, MetricsAPI.app)
     assert routes - documented(doc) == set()
     assert documented(doc) - routes == set()

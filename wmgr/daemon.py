@@ -22,19 +22,25 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
+from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
+from wmgr.api.connections import SEGMENTS as CONNECTION_SEGMENTS
 from wmgr.api.dashboard import DASHBOARD_PATHS, Dashboard
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
-from wmgr.api.root import QuietSite, Root, RootApp, Surface
+from wmgr.api.channel import BodyLimits, WmgrSite
+from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
+from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.sessions import Sessions
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
+from wmgr.connections.service import ConnectionService
 from wmgr.jobs.groupcounts import CountsFeed
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
+from wmgr.metrics import Metrics
 from wmgr.store import Store
 from wmgr.files import write_public
 from wmgr.host import host_name
@@ -90,6 +96,7 @@ class WmgrService(MultiService):
         self.launcher: Optional[LauncherPool] = None
         self._started: Optional[Deferred[None]] = None
         self.dashboard: Optional[Dashboard] = None
+        self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
 
@@ -104,6 +111,7 @@ class WmgrService(MultiService):
 
     def _failed_to_start(self, failure: Any) -> None:
         log.failure("wmgr could not start", failure)
+        self.start_failure = failure
         if self._reactor.running:
             self._reactor.stop()
         else:
@@ -133,17 +141,31 @@ class WmgrService(MultiService):
         self._add_timer(config.prune_interval, "prune the job history", self.queue.prune)
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
+        openapi = document([WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS])
+        self.metrics = Metrics(openapi["paths"])
+        self.metrics.watch(self.queue, self.launcher, self.store)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
-                                       shutdown=self.shutdown).resource())]
+                                       shutdown=self.shutdown).resource()),
+                    Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
+        connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)
+        await connections.load()
+        connections.setServiceParent(self)
+        self.metrics.watch_connections(connections)
+        surfaces.append(Surface(CONNECTION_SEGMENTS, ConnectionsAPI(
+            connections, config.connections_open, config.connections_max_body, config.connections_max_regex,
+        ).resource(), own_auth=True, quiet=True))
+        if config.connections_open:
+            log.warn("[connections] open = true: the connection registry's routes answer without a token")
         sessions = Sessions(self._reactor)
         # A service, before the listeners: stopped right after them, it ends the open event streams.
         self.dashboard = Dashboard(token, sessions, CountsFeed(self.store, self._reactor, self.queue.notices.peek),
                                    self._reactor)
         self.dashboard.setServiceParent(self)
         surfaces.append(Surface(("ui",), self.dashboard.resource(), own_auth=True))
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, DASHBOARD_PATHS, ROOT_PATHS])).app.resource()
-        site = QuietSite(Root(token, surfaces, fallback, sessions))
+        fallback = RootApp(openapi).app.resource()
+        site = WmgrSite(Root(token, surfaces, fallback, sessions), BodyLimits(config.body_limits),
+                        config.header_timeout, observe=self.metrics.observe_request, reactor=self._reactor)
 
         self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,
                                                           interface=config.interface), site)

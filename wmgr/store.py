@@ -91,6 +91,23 @@ MIGRATIONS: list[str] = [
     DROP INDEX jobs_state;
     CREATE INDEX jobs_completed ON jobs (updated, seq) WHERE state = 'complete';
     """,
+    # 4: the connection registry (wmgr/connections/journal.py). Entries expire ttl seconds after
+    # `published`; partitions are listed apart so that an empty one survives a restart too.
+    # One B-tree per entry and no index on `published`: a publish then changes one page, and only
+    # the purge, in the writer thread every few seconds, scans.
+    """
+    CREATE TABLE conn_partitions (name TEXT PRIMARY KEY);
+    CREATE TABLE conn_entries (
+        partition       TEXT NOT NULL,
+        uid             TEXT NOT NULL,
+        uri             TEXT NOT NULL,
+        data_type       TEXT NOT NULL,
+        connection_type TEXT NOT NULL,
+        published       REAL NOT NULL,
+        seq             INTEGER NOT NULL,
+        PRIMARY KEY (partition, uid)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _STOP = object()

@@ -181,9 +181,12 @@ def _token_from(request: Any, body: bytes) -> Optional[bytes]:
         except (ValueError, AttributeError):
             raise InvalidRequest("the body must be a JSON object with the token") from None
         return value.encode("utf-8") if isinstance(value, str) else None
-    fields = parse_qs(body, max_num_fields=10)
-    values = fields.get(b"token")
-    return values[0].strip() if values else None
+    try:  # as text: parse_qs of bytes fails on a field name that decodes to non-ASCII
+        fields = parse_qs(body.decode("ascii"), max_num_fields=10, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("the login form is not a form of percent-encoded UTF-8 text") from None
+    values = fields.get("token")
+    return values[0].strip().encode("utf-8") if values else None
 
 
 _HTML = {"text/html": {"schema": {"type": "string"}}}
