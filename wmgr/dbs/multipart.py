@@ -90,12 +90,21 @@ def _parse_headers(raw: bytes) -> tuple[str, Optional[str], str]:
     return name, filename, content_type
 
 
+def _is_delimiter_line(body: BinaryIO, after: int) -> bool:
+    """A boundary is a delimiter only when the line ends after it (RFC 2046: optional blanks,
+    then CRLF) or the closing "--" follows; data may hold the same bytes followed by more."""
+    body.seek(after)
+    rest = body.read(80)
+    return rest.startswith(b"--") or rest.lstrip(b" \t").startswith(b"\r\n")
+
+
 def scan(body: BinaryIO, content_type: Optional[bytes]) -> dict[str, Part]:
     """The parts of the body by name (the first part of each name), with their byte ranges."""
     delimiter = b"--" + boundary_of(content_type)
     offsets = _delimiter_offsets(body, delimiter)
     if not offsets:
         raise InvalidArgument("the multipart body has no boundary line")
+    offsets = [o for o in offsets if _is_delimiter_line(body, o + 2 + len(delimiter))]
     parts: dict[str, Part] = {}
     for here, following in zip(offsets, offsets[1:] + [None]):
         after = here + 2 + len(delimiter)

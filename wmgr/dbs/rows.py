@@ -65,22 +65,22 @@ class LoadOptions:
 
 def gunzip(blocks: Iterable[bytes]) -> Iterator[bytes]:
     """Decompress a gzip stream (several members too, as `cat a.gz b.gz` makes) block by block."""
-    inflater = zlib.decompressobj(wbits=31)
+    inflater, started = zlib.decompressobj(wbits=31), False
     try:
         for block in blocks:
             data = block
             while data:
+                started = True
                 out = inflater.decompress(data, MAX_INFLATE)
                 if out:
                     yield out
                 if inflater.eof:
                     data = inflater.unused_data
-                    inflater = zlib.decompressobj(wbits=31)
+                    inflater, started = zlib.decompressobj(wbits=31), False
                 else:
                     data = inflater.unconsumed_tail
-        tail = inflater.flush()
-        if tail:
-            yield tail
+        if started:
+            raise InvalidArgument("table-data is not valid gzip: it ends inside a compressed stream")
     except zlib.error as e:
         raise InvalidArgument(f"table-data is not valid gzip: {e}") from None
 
