@@ -22,7 +22,7 @@ from wmgr.dbs.errors import IllegalOption, InvalidArgument
 _FLAGS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
 _ESCAPES = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a"}
 # Decompressed output is produced at most this much at a time (a gzip bomb stays bounded).
-MAX_INFLATE = 4 << 20
+MAX_INFLATE = 256 * 1024
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ log = Logger()
 # The load-options field is a short urlencoded string; anything larger is not one.
 MAX_LOAD_OPTIONS = 64 * 1024
 INDEX_COLUMNS = 3
+# Upload bytes handed to the backend at a time: a block's rows exist as Python objects at once
+# (about five times its size), so this bounds a load's memory.
+LOAD_BLOCK = 256 * 1024
 
 
 class Databases(Service):
@@ -195,7 +198,7 @@ class Databases(Service):
                 options = LoadOptions.parse(text.decode("utf-8"))
             except UnicodeDecodeError:
                 raise InvalidArgument("load-options is not UTF-8 text") from None
-        blocks = multipart.read_blocks(body, data)
+        blocks = multipart.read_blocks(body, data, LOAD_BLOCK)
         if options.gzipped(data.filename):
             blocks = gunzip(blocks)
         return self.backend.load(db, table, blocks, options)
