@@ -142,6 +142,30 @@ class RowReader:
             return False
         return (len(record) - len(record.rstrip(esc))) % 2 == 1
 
+    def _escaped(self, record: str) -> list[Optional[str]]:
+        """A record with escapes but no quotes: split, then a field ending in an escaped
+        delimiter joined with the next, \\N made NULL and escapes undone."""
+        o = self.options
+        null, out, carry = o.escape + "N", [], None
+        for field in record.split(o.delimiter):
+            if carry is not None:
+                field, carry = carry + o.delimiter + field, None
+            if field.endswith(o.escape) and self._ends_escaped(field):
+                carry = field
+                continue
+            out.append(field if o.escape not in field else None if field == null else self._value(field, False))
+        if carry is not None:
+            out.append(self._value(carry, False))
+        return out
+
+    def _record(self, record: str) -> Optional[list[Optional[str]]]:
+        o = self.options
+        if o.enclose and o.enclose in record:
+            return None if self._ends_escaped(record) else self._slow(record)
+        if o.escape and o.escape in record:
+            return None if self._ends_escaped(record) else self._escaped(record)
+        return record.split(o.delimiter)
+
     def rows(self, texts: Iterable[str]) -> Iterator[list[list[Optional[str]]]]:
         """Batches of rows, one batch per block of text."""
         o = self.options
@@ -158,13 +182,8 @@ class RowReader:
             batch, carry = [], None
             for record in records:
                 if carry is not None:
-                    record = carry + o.terminate + record
-                    carry = None
-                if not any(c in record for c in special):
-                    self.line += 1
-                    batch.append(record.split(o.delimiter))
-                    continue
-                fields = None if self._ends_escaped(record) else self._slow(record)
+                    record, carry = carry + o.terminate + record, None
+                fields = self._record(record)
                 if fields is None:
                     carry = record
                     continue
@@ -174,7 +193,7 @@ class RowReader:
                 pending = carry + o.terminate + pending
             yield batch
         if pending:
-            fields = self._slow(pending) if any(c in pending for c in special) else pending.split(o.delimiter)
+            fields = self._record(pending)
             if fields is None:
                 raise InvalidArgument(f"line {self.line + 1}: the last record is cut short (an open quote or escape)")
             self.line += 1
