@@ -45,6 +45,23 @@ def _data_dir(text: str) -> Path:
     return Path(os.path.expanduser(text)).absolute()
 
 
+def _optional_path(text: str) -> Optional[Path]:
+    return Path(os.path.expanduser(text.strip())).absolute() if text.strip() else None
+
+
+def _qserv_auth(text: str) -> list[str]:
+    schemes = [name.lower() for name in _names(text)]
+    if schemes != ["none"] and not (schemes and set(schemes) <= {"basic", "digest"}):
+        raise ValueError("auth is none, or basic and/or digest")
+    return schemes
+
+
+def _service_section(name: str, options: Mapping[str, str]) -> Any:
+    from wmgr.services.spec import service_spec
+
+    return service_spec(name, options)
+
+
 def default_data_dir() -> Path:
     return _data_dir(os.environ.get("WMGR_DATA_DIR") or "~/.wmgr")
 
@@ -79,6 +96,18 @@ class Config:
     upload_roots: list[str] = field(default_factory=lambda: ["~", "/tmp"],
                                     metadata={"ini": ("upload", "roots", _names)})
     pman_allow_quit: bool = field(default=False, metadata={"ini": ("pman", "allow_quit", _boolean)})
+    qserv_auth: list[str] = field(default_factory=lambda: ["digest"], metadata={"ini": ("qserv", "auth", _qserv_auth)})
+    qserv_secret_file: Optional[Path] = field(default=None,
+                                              metadata={"ini": ("qserv", "secret_file", _optional_path)})
+    services_script_timeout: float = field(default=30.0, metadata={"ini": ("services", "script_timeout", float)})
+    services_kill_grace: float = field(default=5.0, metadata={"ini": ("services", "kill_grace", float)})
+    services_restart_min_delay: float = field(default=1.0,
+                                              metadata={"ini": ("services", "restart_min_delay", float)})
+    services_restart_max_delay: float = field(default=60.0,
+                                              metadata={"ini": ("services", "restart_max_delay", float)})
+    # One item per "[service:NAME]" section (a family of sections: "family", not "ini").
+    services: dict[str, Any] = field(default_factory=dict, metadata={"family": ("service", _service_section)})
+
 
     @classmethod
     def load(cls, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "Config":
@@ -101,8 +130,17 @@ class Config:
             raise InvalidRequest(f"cannot read the configuration file {path}: {e.strerror}") from None
         except configparser.Error as e:
             raise InvalidRequest(f"{path}: {e}") from None
-        known = {f.metadata["ini"][:2]: f for f in fields(self)}
+        known = {f.metadata["ini"][:2]: f for f in fields(self) if "ini" in f.metadata}
+        families = {f.metadata["family"][0]: f for f in fields(self) if "family" in f.metadata}
         for section in parser.sections():
+            family, colon, name = section.partition(":")
+            if colon and family in families:
+                spec = families[family]
+                try:
+                    getattr(self, spec.name)[name] = spec.metadata["family"][1](name, dict(parser.items(section)))
+                except ValueError as e:
+                    raise InvalidRequest(f"{path}: [{section}]: {e}") from None
+                continue
             for option, text in parser.items(section):
                 spec = known.get((section, option))
                 if spec is None:
@@ -127,3 +165,7 @@ class Config:
             raise InvalidRequest("memory_margin and time_margin must be >= 0")
         if self.history_max_age < 0 or self.history_max_count < 0 or self.prune_interval <= 0:
             raise InvalidRequest("history max_age and max_count must be >= 0, prune_interval > 0")
+        if self.services_script_timeout <= 0 or self.services_kill_grace < 0 or \
+                not 0 < self.services_restart_min_delay <= self.services_restart_max_delay:
+            raise InvalidRequest("[services] script_timeout must be > 0, kill_grace >= 0, "
+                                 "0 < restart_min_delay <= restart_max_delay")

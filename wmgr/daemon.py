@@ -21,13 +21,17 @@ from twisted.logger import Logger
 
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
-from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.qserv import QSERV_SCHEMAS
+from wmgr.api.qserv_auth import QservAuth
+from wmgr.api.qserv_services import QSERV_SERVICES_PATHS, QservServicesAPI
+from wmgr.api.root import QuietSite, Root, RootApp, Surface
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
+from wmgr.services import ServiceManager
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
 from wmgr.store import Store
@@ -122,7 +126,18 @@ class WmgrService(MultiService):
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, ROOT_PATHS])).app.resource()
+        # The Qserv worker manager: its routes take the token or Basic/Digest (self.qserv_auth
+        # guards every Qserv surface, so a digest nonce is good on all of them).
+        self.qserv_auth = QservAuth.from_config(config, self._reactor)
+        self.service_manager = ServiceManager(
+            config.services.values(), self._reactor, self.data_dir / "services",
+            script_timeout=config.services_script_timeout, kill_grace=config.services_kill_grace,
+            restart_min_delay=config.services_restart_min_delay, restart_max_delay=config.services_restart_max_delay)
+        self.service_manager.setServiceParent(self)
+        surfaces.append(Surface(("services",), self.qserv_auth.protect(QservServicesAPI(self.service_manager).resource()),
+                                own_auth=True))
+        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, QSERV_SERVICES_PATHS, ROOT_PATHS],
+                                    [QSERV_SCHEMAS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback))
 
         port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)

@@ -142,6 +142,20 @@ def install_qserv_error_handlers(app: Klein) -> None:
     install_error_handlers(app, qserv_envelope)
 
 
+# -- the OpenAPI pieces every Qserv surface uses (the document itself is wmgr.api.openapi's) ---------
+
+QSERV_SCHEMAS: dict[str, Any] = {
+    "QservError": {"type": "object", "required": ["exception", "message"], "properties": {
+        "exception": {"type": "string", "description": "the original's error type, e.g. InvalidService"},
+        "message": {"type": "string"}, "cause": {"type": "string"}}},
+}
+QSERV_ERROR_REPLY: dict[str, Any] = {"description": "an error in the Qserv envelope", "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/QservError"}}}}
+# The bearer token, or Basic/Digest with the secret file's user (wmgr.api.qserv_auth).
+QSERV_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"tokenQuery": []}, {"qservBasic": []},
+                                             {"qservDigest": []}]
+
+
 # -- answers -----------------------------------------------------------------------------------------
 
 
