@@ -62,6 +62,31 @@ def _service_section(name: str, options: Mapping[str, str]) -> Any:
     return service_spec(name, options)
 
 
+def _dbs_backend(text: str) -> str:
+    if text.strip() not in ("sqlite", "mysql"):
+        raise ValueError("backend is sqlite or mysql")
+    return text.strip()
+
+
+def _mysql_url(text: str) -> str:
+    if text.strip():
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(text.strip())
+        if parts.scheme != "mysql" or not parts.hostname:
+            raise ValueError("not a mysql://user:password@host:port URL")
+        parts.port  # a port that is not a number raises ValueError here
+    return text.strip()
+
+
+def _db_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][0-9A-Za-z_]{0,63}", text.strip()):
+        raise ValueError("not a database name")
+    return text.strip()
+
+
 def default_data_dir() -> Path:
     return _data_dir(os.environ.get("WMGR_DATA_DIR") or "~/.wmgr")
 
@@ -95,6 +120,10 @@ class Config:
     prune_interval: float = field(default=3600.0, metadata={"ini": ("history", "prune_interval", float)})
     upload_roots: list[str] = field(default_factory=lambda: ["~", "/tmp"],
                                     metadata={"ini": ("upload", "roots", _names)})
+    dbs_backend: str = field(default="sqlite", metadata={"ini": ("dbs", "backend", _dbs_backend)})
+    dbs_url: str = field(default="", metadata={"ini": ("dbs", "url", _mysql_url)})
+    dbs_proxy_url: str = field(default="", metadata={"ini": ("dbs", "proxy_url", _mysql_url)})
+    dbs_xrootd_db: str = field(default="qservw_worker", metadata={"ini": ("dbs", "xrootd_db", _db_name)})
     pman_allow_quit: bool = field(default=False, metadata={"ini": ("pman", "allow_quit", _boolean)})
     qserv_auth: list[str] = field(default_factory=lambda: ["digest"], metadata={"ini": ("qserv", "auth", _qserv_auth)})
     qserv_secret_file: Optional[Path] = field(default=None,
@@ -165,6 +194,8 @@ class Config:
             raise InvalidRequest("memory_margin and time_margin must be >= 0")
         if self.history_max_age < 0 or self.history_max_count < 0 or self.prune_interval <= 0:
             raise InvalidRequest("history max_age and max_count must be >= 0, prune_interval > 0")
+        if self.dbs_backend == "mysql" and not self.dbs_url:
+            raise InvalidRequest("[dbs] backend = mysql needs url = mysql://user:password@host:port")
         if self.services_script_timeout <= 0 or self.services_kill_grace < 0 or \
                 not 0 < self.services_restart_min_delay <= self.services_restart_max_delay:
             raise InvalidRequest("[services] script_timeout must be > 0, kill_grace >= 0, "

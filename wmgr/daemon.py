@@ -23,11 +23,13 @@ from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.qserv import QSERV_SCHEMAS
 from wmgr.api.qserv_auth import QservAuth
+from wmgr.api.qserv_dbs import QSERV_DBS_PATHS, QservDbsAPI, UploadRequest
 from wmgr.api.qserv_services import QSERV_SERVICES_PATHS, QservServicesAPI
 from wmgr.api.root import QuietSite, Root, RootApp, Surface
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
+from wmgr.dbs import Databases, make_backend
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
@@ -136,9 +138,17 @@ class WmgrService(MultiService):
         self.service_manager.setServiceParent(self)
         surfaces.append(Surface(("services",), self.qserv_auth.protect(QservServicesAPI(self.service_manager).resource()),
                                 own_auth=True))
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, QSERV_SERVICES_PATHS, ROOT_PATHS],
+        # The Qserv databases (/dbs, /xrootd) on SQLite or MySQL, behind the same guard.
+        backend = make_backend(config.dbs_backend, self.data_dir, config.dbs_url, config.dbs_xrootd_db)
+        self.databases = Databases(backend, self._reactor, restart_if_running=self.service_manager.restart_if_running,
+                                   proxy_url=config.dbs_proxy_url or None)
+        self.databases.setServiceParent(self)
+        surfaces.append(Surface(("dbs", "xrootd"), self.qserv_auth.protect(QservDbsAPI(self.databases).resource()),
+                                own_auth=True))
+        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, QSERV_SERVICES_PATHS, QSERV_DBS_PATHS, ROOT_PATHS],
                                     [QSERV_SCHEMAS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback))
+        site.requestFactory = UploadRequest  # table uploads stay in their spool file (wmgr.api.qserv_dbs)
 
         port = await SSL4ServerEndpoint(self._reactor, config.port, self.tls, interface=config.interface).listen(site)
         self.ports.append(port)

@@ -1,0 +1,117 @@
+"""The /dbs and /xrootd routes in memory (StubTreq, a fake domain): the error names and codes
+that only the route layer decides, and the upload routes' request, which leaves a multipart body
+in its spool file."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.web.test.requesthelper import DummyChannel
+
+from tests.dbs_support import multipart
+from wmgr.api.qserv_dbs import QservDbsAPI, UploadRequest
+from wmgr.dbs.errors import DatabaseFailure, NotRegistered, TableMissing
+
+BASE = "http://wmgr.test"
+
+
+class FakeDatabases:
+    """Raises what it is told to; records the calls."""
+
+    def __init__(self) -> None:
+        self.error: Any = None
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str) -> Any:
+        async def method(*args: Any) -> Any:
+            self.calls.append((name, *args))
+            if self.error is not None:
+                raise self.error
+            return []
+        return method
+
+
+@pytest.fixture
+def api() -> Any:
+    fake = FakeDatabases()
+    return fake, StubTreq(QservDbsAPI(fake).resource())
+
+
+async def answer(client: StubTreq, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    response = await client.request(method, BASE + path, **kw)
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("error, code, body", [
+    (DatabaseFailure("(1045, 'Access denied')", "OperationalError"), 500,
+     {"exception": "OperationalError", "message": "(1045, 'Access denied')"}),
+    (DatabaseFailure("no proxy", "FLushFailed"), 500, {"exception": "FLushFailed", "message": "no proxy"}),
+    (NotRegistered("Database x is not registered"), 409,
+     {"exception": "DatabaseMissing", "message": "Database x is not registered"}),
+    (TableMissing("Table d.t does not exist"), 404, {"exception": "TableMissing", "message": "Table d.t does not exist"}),
+])
+async def test_domain_errors_keep_the_originals_names_and_codes(api: Any, error: Exception, code: int,
+                                                                 body: dict) -> None:
+    fake, client = api
+    fake.error = error
+    assert await answer(client, "DELETE", "/xrootd/dbs/x") == (code, body)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("method, path, data, exception", [
+    ("POST", "/dbs", {"db": "a;b"}, "InvalidArgument"),
+    ("GET", "/dbs/a-b/tables", None, "InvalidArgument"),
+    ("POST", "/dbs/d/tables", {"table": "t", "schemaSource": "nosql"}, "InvalidArgument"),
+    ("POST", "/dbs/d/tables/t/chunks", {"chunkId": "x"}, "InvalidArgument"),
+    ("POST", "/dbs/d/tables/t/chunks", {"chunkId": "1", "overlapFlag": "perhaps"}, "InvalidArgument"),
+    ("DELETE", "/dbs/d/tables/t?dropChunks=2", None, "InvalidArgument"),
+    ("POST", "/xrootd/dbs", {}, "MissingArgument"),
+])
+async def test_bad_input_is_refused_before_the_domain(api: Any, method: str, path: str, data: Any,
+                                                      exception: str) -> None:
+    fake, client = api
+    code, body = await answer(client, method, path, data=data)
+    assert (code, body["exception"]) == (400, exception)
+    assert fake.calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_flags_and_defaults_reach_the_domain(api: Any) -> None:
+    fake, client = api
+    await answer(client, "DELETE", "/dbs/d/tables/t?dropChunks=YES")
+    await answer(client, "POST", "/dbs/d/tables/t/chunks", data={"chunkId": "12"})
+    await answer(client, "POST", "/xrootd/dbs", data={"db": "d"})
+    await answer(client, "DELETE", "/xrootd/dbs/d?xrootdRestart=false")
+    await answer(client, "GET", "/dbs/d/tables/t/chunks/3/index?columns=a,%20b,c")
+    assert fake.calls == [("drop_table", "d", "t", True), ("create_chunk", "d", "t", 12, True),
+                          ("xrootd_register", "d", True), ("xrootd_unregister", "d", False),
+                          ("index", "d", "t", ["a", "b", "c"], 3)]
+
+
+def received(path: bytes, body: bytes, content_type: str) -> UploadRequest:
+    request = UploadRequest(DummyChannel())
+    request.requestHeaders.setRawHeaders(b"content-type", [content_type.encode()])
+    request.gotLength(len(body))
+    request.handleContentChunk(body)
+    request.process = lambda: None  # parsing only: nothing to render here
+    request.requestReceived(b"POST", path, b"HTTP/1.1")
+    return request
+
+
+@pytest.mark.parametrize("path", [b"/dbs/d/tables/t/data", b"/dbs/d/tables/t/chunks/3/data",
+                                  b"/dbs/d/tables/t/chunks/3/overlap?x=1"])
+def test_upload_bodies_are_left_in_their_spool_file(path: bytes) -> None:
+    body, content_type = multipart(b"1\t2\n" * 50000, options="delimiter=%09")
+    request = received(path, body, content_type)
+    assert b"load-options" not in request.args and b"table-data" not in request.args
+    assert request.content.read() == body  # untouched, at its start
+
+
+def test_other_multipart_posts_are_parsed_as_usual() -> None:
+    body, content_type = multipart(b"1\t2\n", options="delimiter=%09")
+    assert received(b"/dbs/d/tables", body, content_type).args[b"load-options"] == [b"delimiter=%09"]
