@@ -20,7 +20,7 @@ import pymysql
 from pymysql.constants import ER, FIELD_TYPE
 
 from wmgr.dbs.ddl import read_header
-from wmgr.dbs.errors import DatabaseExists, DatabaseMissing, InvalidArgument, TableExists, TableMissing
+from wmgr.dbs.errors import DatabaseExists, DatabaseMissing, TableExists, TableMissing
 from wmgr.dbs.rows import LoadOptions
 
 _FIELD_TYPE_NAMES = {value: name for name, value in vars(FIELD_TYPE).items() if name.isupper()}
