@@ -30,6 +30,8 @@ setup(
         "pyfarmhash>=0.3",
     ],
     extras_require={
+        # The databases API's MySQL/MariaDB backend ([dbs] backend = mysql). pymysql: pure Python
+        # (no client library or compiler to install), and it streams LOAD DATA LOCAL INFILE.
         "mysql": ["pymysql>=1.1"],
         "test": [
             "pytest>=7",
