@@ -71,6 +71,8 @@ async def test_databases_are_created_listed_and_dropped(dbs: Databases) -> None:
     assert DB not in await dbs.databases()
     await raises(errors.DatabaseMissing, dbs.drop_database(DB))
     await raises(errors.DatabaseMissing, dbs.tables(DB))
+    await raises(errors.DatabaseMissing, dbs.drop_table(DB, "Object", True))
+    await raises(errors.DatabaseMissing, dbs.drop_table(DB, "Object", False))
 
 
 @pytest_twisted.ensureDeferred
@@ -130,7 +132,8 @@ async def test_chunks_are_made_listed_and_deleted(dbs: Databases) -> None:
     await dbs.xrootd_register(DB, restart=False)
     assert await dbs.xrootd_chunks(DB) == [3, 7]
     assert await dbs.delete_chunk(DB, "Object", 7) == {"chunkId": 7, "chunkTable": True, "overlapTable": True}
-    await raises(errors.ChunkDeleteFailed, dbs.delete_chunk(DB, "Object", 7))
+    error = await raises(errors.ChunkDeleteFailed, dbs.delete_chunk(DB, "Object", 7))
+    assert error.cause == "chunk table Object_7 does not exist"
     assert await dbs.chunks(DB, "Object") == [{"chunkId": 3, "chunkTable": True, "overlapTable": False}]
 
 

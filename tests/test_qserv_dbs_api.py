@@ -14,7 +14,7 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from tests.dbs_support import multipart
 from wmgr.api.qserv_dbs import QservDbsAPI, UploadRequest
-from wmgr.dbs.errors import DatabaseFailure, NotRegistered, TableMissing
+from wmgr.dbs.errors import ChunkDeleteFailed, DatabaseFailure, NotRegistered, TableMissing
 
 BASE = "http://wmgr.test"
 
@@ -51,15 +51,34 @@ async def answer(client: StubTreq, method: str, path: str, **kw: Any) -> tuple[i
     (DatabaseFailure("(1045, 'Access denied')", "OperationalError"), 500,
      {"exception": "OperationalError", "message": "(1045, 'Access denied')"}),
     (DatabaseFailure("no proxy", "FLushFailed"), 500, {"exception": "FLushFailed", "message": "no proxy"}),
-    (NotRegistered("Database x is not registered"), 409,
-     {"exception": "DatabaseMissing", "message": "Database x is not registered"}),
     (TableMissing("Table d.t does not exist"), 404, {"exception": "TableMissing", "message": "Table d.t does not exist"}),
 ])
 async def test_domain_errors_keep_the_originals_names_and_codes(api: Any, error: Exception, code: int,
                                                                  body: dict) -> None:
     fake, client = api
     fake.error = error
-    assert await answer(client, "DELETE", "/xrootd/dbs/x") == (code, body)
+    assert await answer(client, "DELETE", "/dbs/x/tables/t/chunks/1") == (code, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_xrootd_names_every_database_error_dbexception(api: Any) -> None:
+    fake, client = api
+    fake.error = DatabaseFailure("(2003, \"Can't connect\")", "OperationalError")
+    assert await answer(client, "GET", "/xrootd/dbs") == (500, {"exception": "DbException",
+                                                                 "message": "(2003, \"Can't connect\")"})
+    fake.error = NotRegistered("Database x is not registered")
+    assert await answer(client, "DELETE", "/xrootd/dbs/x") == (409, {"exception": "DatabaseMissing",
+                                                                      "message": "Database x is not registered"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_chunk_delete_has_a_cause(api: Any) -> None:
+    fake, client = api
+    fake.error = ChunkDeleteFailed("Failed to delete chunk 1 of d.t")
+    fake.error.cause = "chunk table t_1 does not exist"
+    assert await answer(client, "DELETE", "/dbs/d/tables/t/chunks/1") == (404, {
+        "exception": "ChunkDeleteFailed", "message": "Failed to delete chunk 1 of d.t",
+        "cause": "chunk table t_1 does not exist"})
 
 
 @pytest_twisted.ensureDeferred

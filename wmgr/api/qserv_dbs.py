@@ -62,7 +62,10 @@ class QservDbsAPI:
     # answer is not "class name, status of its kind".
     @app.handle_errors(DatabaseFailure)
     def database_failure(self, request: Any, failure: Any) -> bytes:
-        return answer(request, error_body(failure.value.exception, failure.value.reason), 500)
+        # Under /dbs the original named a database error after its class; under /xrootd it said
+        # DbException whatever the class.
+        name = "DbException" if request.path.startswith(b"/xrootd/") else failure.value.exception
+        return answer(request, error_body(name, failure.value.reason), 500)
 
     @app.handle_errors(NotRegistered)
     def not_registered(self, request: Any, failure: Any) -> bytes:

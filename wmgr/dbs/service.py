@@ -112,6 +112,8 @@ class Databases(Service):
         then turns out to be missing (as the original did, saying how many went)."""
         self._user_database(db)
         check_table(table)
+        if not await self._run(self.backend.database_exists, db):
+            raise DatabaseMissing(f"Database {db} does not exist")
         dropped = 0
         if drop_chunks:
             for name in await self._run(self.backend.tables, db):
@@ -168,8 +170,10 @@ class Databases(Service):
             except TableMissing:
                 dropped[key] = False
         if not dropped["chunkTable"]:
-            raise ChunkDeleteFailed(f"Chunk table {db}.{chunk_table(table, chunk_id)} does not exist"
-                                    + (" (its overlap table was dropped)" if dropped["overlapTable"] else ""))
+            failure = ChunkDeleteFailed(f"Failed to delete chunk {chunk_id} of {db}.{table}")
+            failure.cause = (f"chunk table {chunk_table(table, chunk_id)} does not exist"
+                             + (" (its overlap table was dropped)" if dropped["overlapTable"] else ""))
+            raise failure
         return {"chunkId": chunk_id, **dropped}
 
     # -- data ---------------------------------------------------------------------------------
