@@ -225,3 +225,24 @@ def test_read_secret(tmp_path: Path):
             read_secret(path)
     with pytest.raises(InvalidRequest, match="cannot read"):
         read_secret(tmp_path / "absent")
+
+
+def test_from_config(tmp_path: Path):
+    from wmgr.config import Config
+
+    secret = tmp_path / "wmgr.secret"
+    secret.write_bytes(b"qsmaster:pw\n")
+    secret.chmod(0o600)
+    config = Config(data_dir=tmp_path)
+    assert QservAuth.from_config(config, Clock()).factories == []  # no secret: the token only
+    config.qserv_secret_file = secret
+    auth = QservAuth.from_config(config, Clock())
+    assert [f.scheme for f in auth.factories] == [b"digest"] and not auth.open  # the original's default
+    config.qserv_auth = ["basic", "digest"]
+    assert [f.scheme for f in QservAuth.from_config(config, Clock()).factories] == [b"basic", b"digest"]
+    config.qserv_auth = ["none"]
+    assert QservAuth.from_config(config, Clock()).open
+    config.qserv_auth = ["digest"]
+    secret.write_bytes(b"no colon\n")
+    with pytest.raises(InvalidRequest):
+        QservAuth.from_config(config, Clock())

@@ -136,8 +136,8 @@ class WmgrService(MultiService):
             script_timeout=config.services_script_timeout, kill_grace=config.services_kill_grace,
             restart_min_delay=config.services_restart_min_delay, restart_max_delay=config.services_restart_max_delay)
         self.service_manager.setServiceParent(self)
-        surfaces.append(Surface(("services",), self.qserv_auth.protect(QservServicesAPI(self.service_manager).resource()),
-                                own_auth=True))
+        services_api = QservServicesAPI(self.service_manager).resource()
+        surfaces.append(Surface(("services",), self.qserv_auth.protect(services_api), own_auth=True))
         # The Qserv databases (/dbs, /xrootd) on SQLite or MySQL, behind the same guard.
         backend = make_backend(config.dbs_backend, self.data_dir, config.dbs_url, config.dbs_xrootd_db)
         self.databases = Databases(backend, self._reactor, restart_if_running=self.service_manager.restart_if_running,

@@ -172,6 +172,9 @@ class QservAuth:
     @classmethod
     def from_config(cls, config: Any, clock: Any) -> "QservAuth":
         secret = read_secret(config.qserv_secret_file) if config.qserv_secret_file else None
+        if secret and config.qserv_secret_file.stat().st_mode & 0o077:
+            log.warn("the Qserv secret file {path} can be read by other users (chmod 600 it)",
+                     path=str(config.qserv_secret_file))
         auth = cls(config.qserv_auth, secret, clock)
         if auth.open:
             log.warn("[qserv] auth = none: the Qserv routes (/dbs, /services, /xrootd) are open to anyone "
