@@ -390,3 +390,15 @@ async def test_unknown_service_is_404(api):
     _, client = api
     assert await answer(client, "GET", "/services/nope") == (404, {
         "exception": "InvalidService", "message": "Service name not known: nope"})
+
+
+def test_a_hung_status_is_a_command_failure_too(tmp_path: Path):
+    reactor = FakeReactor()
+    services, signalled = manager(tmp_path, reactor, mysqld={"script": "/etc/init.d/mysqld"})
+    asking = run(services.state("mysqld"))
+    reactor.advance(30)
+    [status] = reactor.spawned
+    assert signalled == [(status.pid, signal.SIGTERM)]
+    status.end(sig=15)  # it obeyed TERM: no KILL needed, but the group still gets one after the grace
+    with pytest.raises(CommandFailure, match="Failed to get the state of service mysqld"):
+        value(asking)

@@ -249,13 +249,13 @@ class ServiceManager(Service):
             out = os.open(self.log_path(spec.name), flags, 0o600)
         except OSError as e:
             os.close(null)
-            raise CommandFailure(f"Failed to {action} service {spec.name}", cause=f"log file: {e.strerror}") from None
+            raise CommandFailure(_failed(action, spec.name), cause=f"log file: {e.strerror}") from None
         try:
             transport = self._reactor.spawnProcess(
                 run, sys.executable, [sys.executable, "-S", "-c", SESSION_TRAMPOLINE, spec.script, action],
                 env=dict(os.environ), childFDs={0: null, 1: out, 2: out})
         except OSError as e:
-            raise CommandFailure(f"Failed to {action} service {spec.name}", cause=str(e)) from None
+            raise CommandFailure(_failed(action, spec.name), cause=str(e)) from None
         finally:
             os.close(null)
             os.close(out)
@@ -268,7 +268,7 @@ class ServiceManager(Service):
                 timer.cancel()
         if run.timed_out:
             raise CommandFailure(
-                f"Failed to {action} service {spec.name}",
+                _failed(action, spec.name),
                 cause=f"{spec.script} {action} did not finish within {self._script_timeout:g}s and was killed")
         if isinstance(ended, ProcessDone):
             return 0
@@ -294,3 +294,6 @@ class ServiceManager(Service):
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         return f"{spec.script} {action} {how} (its output is in {self.log_path(spec.name)})"
 
+
+def _failed(action: str, name: str) -> str:
+    return f"Failed to get the state of service {name}" if action == "status" else f"Failed to {action} service {name}"
