@@ -224,3 +224,17 @@ async def test_a_row_whose_key_is_there_is_skipped_as_load_data_local_does(dbs: 
     assert await load(dbs, b"1\t1\ta\t1\t1\n1\t2\tb\t1\t1\n2\t2\tc\t1\t1\n") == 2
     assert await load(dbs, b"2\t9\tz\t1\t1\n") == 0
     assert dbs.backend.select(DB, ["Object"], ["objectId", "ra", "name"])[0] == [[1, 1.0, "a"], [2, 2.0, "c"]]
+
+
+def test_a_connection_the_server_dropped_is_made_again(tmp_path: Any) -> None:
+    skip_without_mysql("mysql")
+    import pymysql
+
+    backend = make_backend("mysql", tmp_path, MYSQL_URL, RUN_PREFIX + "qservw")
+    backend.databases()
+    killer = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
+    try:
+        killer.cursor().execute(f"KILL {backend._local.conn.thread_id()}")
+    finally:
+        killer.close()
+    assert "information_schema" in backend.databases()
