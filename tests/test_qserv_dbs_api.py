@@ -27,7 +27,7 @@ class FakeDatabases:
         self.calls: list[tuple] = []
 
     def __getattr__(self, name: str) -> Any:
-        async def method(*args: Any) -> Any:
+        async def method(*args: Any, **kw: Any) -> Any:
             self.calls.append((name, *args))
             if self.error is not None:
                 raise self.error
@@ -134,3 +134,21 @@ def test_upload_bodies_are_left_in_their_spool_file(path: bytes) -> None:
 def test_other_multipart_posts_are_parsed_as_usual() -> None:
     body, content_type = multipart(b"1\t2\n", options="delimiter=%09")
     assert received(b"/dbs/d/tables", body, content_type).args[b"load-options"] == [b"delimiter=%09"]
+
+
+def test_a_streamed_index_follows_its_reader() -> None:
+    """Paused by the transport, the pool thread would wait before the next batch; stopped (the
+    client went away), it ends the select instead of reading rows nobody will get."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from wmgr.api.qserv_dbs import StreamedIndex
+
+    stream = StreamedIndex(DummyRequest([b""]), reactor=None)
+    stream.pauseProducing()
+    assert not stream._go.is_set()
+    stream.resumeProducing()
+    assert stream._go.is_set()
+    stream.stopProducing()
+    with pytest.raises(ConnectionDone):
+        stream.rows([[1, 2, 3]])

@@ -214,28 +214,41 @@ async def test_the_seeds_curl_examples(qserv: Any, reactor: Any) -> None:
     assert code == 401 and body["exception"] == "Unauthorized"
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_large_upload_streams_in_flat_memory(qserv: Any, reactor: Any) -> None:
-    """A 40 MB upload: the daemon's RSS, sampled all along, grows by a few MB at most, and other
-    requests are answered while it loads."""
-    daemon, client = qserv
-    await call(client, "POST", "dbs", {"db": DB})
-    await call(client, "POST", f"dbs/{DB}/tables", {"table": "Big", "schema":
-                                                     "CREATE TABLE Big (id BIGINT, a DOUBLE, b VARCHAR(64))"})
-    line = b"%d\t12345.678\tsome text that pads the row out to about a hundred bytes........................\n"
-    data = b"".join(line % i for i in range(400000))
+async def while_sampling(reactor: Any, client: Any, daemon: Any, work: Any) -> tuple[Any, float, int]:
+    """Run `work` while sampling the daemon's RSS and asking it for something else every 50 ms:
+    (work's result, RSS growth in MB, other requests answered)."""
     process = psutil.Process(daemon.process.pid)
     before = process.memory_info().rss
     peak, answered = before, 0
-    load = ensureDeferred(upload(client, f"dbs/{DB}/tables/Big/data", data, filename="big.tsv"))
-    while not load.called:
+    running = ensureDeferred(work)
+    while not running.called:
         peak = max(peak, process.memory_info().rss)
         code, _ = await call(client, "GET", f"dbs/{DB}/tables")
         answered += code == 200
         await deferLater(reactor, 0.05, lambda: None)
-    assert await load == (200, {"result": {"status": "OK", "count": 400000}})
-    assert answered >= 1
-    growth = (peak - before) / 2 ** 20
+    return await running, (peak - before) / 2 ** 20, answered
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_upload_and_its_index_stream_in_flat_memory(qserv: Any, reactor: Any) -> None:
+    """A 40 MB upload, then the index of its 400,000 rows: the daemon's RSS, sampled all along,
+    grows by a few MB at most, and other requests are answered meanwhile."""
+    daemon, client = qserv
+    await call(client, "POST", "dbs", {"db": DB})
+    await call(client, "POST", f"dbs/{DB}/tables", {"table": "Big", "chunkColumns": "1", "schema":
+                                                     "CREATE TABLE Big (id BIGINT, a DOUBLE, b VARCHAR(64))"})
+    await call(client, "POST", f"dbs/{DB}/tables/Big/chunks", {"chunkId": "1", "overlapFlag": "0"})
+    line = b"%d\t12345.678\tsome text that pads the row out to about a hundred bytes.............\t1\t%d\n"
+    data = b"".join(line % (i, i % 7) for i in range(400000))
+    loaded, growth, answered = await while_sampling(reactor, client, daemon, upload(
+        client, f"dbs/{DB}/tables/Big/chunks/1/data", data, filename="big.tsv"))
+    assert loaded == (200, {"result": {"status": "OK", "count": 400000}})
     print(f"daemon RSS growth during a {len(data) / 2 ** 20:.0f} MB upload ({daemon.kind}): {growth:.1f} MB",
           file=sys.stderr)
+    assert growth < 12 and answered >= 1, (growth, answered)
+
+    (code, index), growth, answered = await while_sampling(reactor, client, daemon, call(
+        client, "GET", f"dbs/{DB}/tables/Big/index", params={"columns": "id,chunkId,subChunkId"}, timeout=300))
+    assert code == 200 and len(index["result"]["rows"]) == 400000 and index["result"]["rows"][-1] == [399999, 1, 399999 % 7]
+    print(f"daemon RSS growth during a 400,000-row index ({daemon.kind}): {growth:.1f} MB", file=sys.stderr)
     assert growth < 12, growth

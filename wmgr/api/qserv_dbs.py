@@ -9,11 +9,18 @@ the domain, which reads it part by part on a thread.
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 from typing import Any, Optional
 
 from klein import Klein
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from wmgr.api.openapi import path_param, query_param, reply
 from wmgr.api.qserv import (QSERV_ERROR_REPLY, QSERV_SECURITY, ConflictingArgument, CSSDisabled, InvalidArgument,
@@ -22,6 +29,9 @@ from wmgr.api.qserv import (QSERV_ERROR_REPLY, QSERV_SECURITY, ConflictingArgume
 from wmgr.dbs import Databases
 from wmgr.dbs.errors import DatabaseFailure, NotRegistered
 from wmgr.dbs.names import parse_chunk_id
+from wmgr.dbs.service import IndexSink
+
+log = Logger()
 
 UPLOAD_PATH = re.compile(rb"/dbs/[^/?]+/tables/[^/?]+/(?:data|chunks/[0-9]+/(?:data|overlap))/?\Z")
 DEFAULT_INDEX_COLUMNS = "objectId,chunkId,subChunkId"
@@ -37,6 +47,70 @@ class UploadRequest(Request):
             # parsePOSTFormSubmission); the path is only known now, so it is set here.
             self._parsePOSTFormSubmission = False
         super().requestReceived(command, path, version)
+
+
+@implementer(IPushProducer)
+class StreamedIndex(IndexSink):
+    """The index answer, `{"result":{"description":[...],"rows":[...]}}` as answer() would encode
+    it, written batch by batch as the databases pool reads the rows. It is the response's
+    producer: while the client is slow to read, the pool thread waits instead of the rows piling
+    up in the daemon."""
+
+    def __init__(self, request: Any, reactor: Any) -> None:
+        super().__init__()
+        self.request, self.reactor = request, reactor
+        self.started = False
+        self._written_rows = False
+        self._go, self._stopped = threading.Event(), False
+        self._go.set()
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+
+    # IPushProducer, called on the reactor thread by the transport.
+    def pauseProducing(self) -> None:
+        self._go.clear()
+
+    def resumeProducing(self) -> None:
+        self._go.set()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._go.set()
+
+    # IndexSink, called on a pool thread.
+    def start(self, description: list[dict]) -> None:
+        head = b'{"result":{"description":' + _json(description) + b',"rows":['
+        blockingCallFromThread(self.reactor, self._begin, head)
+
+    def rows(self, rows: list[list]) -> None:
+        self._go.wait()
+        if self._stopped:
+            raise ConnectionDone("the client went away: the index is not read any further")
+        data = (b"," if self._written_rows else b"") + _json(rows)[1:-1]
+        self._written_rows = True
+        blockingCallFromThread(self.reactor, self.request.write, data)
+
+    # The reactor thread again.
+    def _begin(self, head: bytes) -> None:
+        self.request.setResponseCode(200)
+        self.request.setHeader(b"Content-Type", b"application/json")
+        self.request.registerProducer(self, True)
+        self.started = True
+        self.request.write(head)
+
+    def end(self) -> bytes:
+        if not self.started:  # the domain answered without selecting anything
+            return answer(self.request, {"result": {"description": self.description, "rows": []}})
+        self.request.unregisterProducer()
+        return b"]}}"
+
+    def abort(self) -> None:
+        self.request.unregisterProducer()
+        if self.request.transport is not None:
+            self.request.transport.abortConnection()  # a cut answer, never a wrong one
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
 def db_uri(db: str) -> str:
@@ -178,16 +252,27 @@ class QservDbsAPI:
 
     @app.route("/dbs/<db>/tables/<table>/index", methods=["GET"], strict_slashes=False)
     async def table_index(self, request: Any, db: str, table: str) -> bytes:
-        return result(request, await self._index(request, db, table))
+        return await self._index(request, db, table)
 
     @app.route("/dbs/<db>/tables/<table>/chunks/<int:chunk_id>/index", methods=["GET"], strict_slashes=False)
     async def chunk_index(self, request: Any, db: str, table: str, chunk_id: int) -> bytes:
-        return result(request, await self._index(request, db, table, chunk_id))
+        return await self._index(request, db, table, chunk_id)
 
-    async def _index(self, request: Any, db: str, table: str, chunk_id: Optional[int] = None) -> dict:
+    async def _index(self, request: Any, db: str, table: str, chunk_id: Optional[int] = None) -> bytes:
+        """The index is streamed: an index of every row of every chunk table can be larger than
+        the daemon should hold (the original built it whole in memory)."""
         text = query_params(request).get("columns") or DEFAULT_INDEX_COLUMNS
         columns = [c.strip() for c in text.split(",")]
-        return await self.dbs.index(database_name(db), table_name(table), columns, chunk_id)
+        stream = StreamedIndex(request, self.dbs.reactor)
+        try:
+            await self.dbs.index(database_name(db), table_name(table), columns, chunk_id, sink=stream)
+        except Exception:
+            if not stream.started:
+                raise  # nothing sent yet: answered as any error is
+            stream.abort()
+            log.failure("the index of {db}.{table} failed after its answer began", db=db, table=table)
+            return b""
+        return stream.end()
 
     @app.route("/dbs/<db>/chunks/cache", methods=["PUT"], strict_slashes=False)
     async def reset_chunks_cache(self, request: Any, db: str) -> bytes:

@@ -43,7 +43,7 @@ class Databases(Service):
                  restart_if_running: Optional[Callable[[str], Awaitable[bool]]] = None,
                  proxy_url: Optional[str] = None) -> None:
         self.backend = backend
-        self._reactor = reactor
+        self._reactor = self.reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="wmgr-dbs")
         self._restart_if_running = restart_if_running
         self.proxy_url = proxy_url
@@ -207,9 +207,14 @@ class Databases(Service):
             blocks = gunzip(blocks)
         return self.backend.load(db, table, blocks, options)
 
-    async def index(self, db: str, table: str, columns: list[str], chunk_id: Optional[int] = None) -> dict:
+    async def index(self, db: str, table: str, columns: list[str], chunk_id: Optional[int] = None,
+                    sink: Optional["IndexSink"] = None) -> dict:
         """The three columns of every row of every chunk table (or of one), with their types;
-        each column must be a real column of the table (the original pasted them into SQL)."""
+        each column must be a real column of the table (the original pasted them into SQL).
+
+        With a `sink`, the rows are not gathered: the sink gets the description, then batch after
+        batch of rows, on a pool thread (it may block there: that holds the database back), and
+        the answer is empty."""
         if len(columns) != INDEX_COLUMNS:
             raise InvalidArgument(f"columns must name exactly {INDEX_COLUMNS} columns, not {len(columns)}")
         for column in columns:
@@ -228,8 +233,10 @@ class Databases(Service):
         unknown = [c for c in columns if c.lower() not in real]
         if unknown:
             raise InvalidArgument(f"{db}.{table} has no column {', '.join(unknown)}")
-        rows, types = await self._run(self.backend.select, db, chunk_tables, [real[c.lower()] for c in columns])
-        return {"rows": rows, "description": [{"name": c, "type": t} for c, t in zip(columns, types)]}
+        gathered = IndexSink()
+        await self._run(_feed, self.backend.select(db, chunk_tables, [real[c.lower()] for c in columns]), columns,
+                        sink or gathered)
+        return {} if sink else {"rows": gathered.gathered, "description": gathered.description}
 
     async def flush_chunks_cache(self, db: str) -> None:
         """The czar's chunk cache reset, through its mysql-proxy ([dbs] proxy_url)."""
@@ -271,6 +278,31 @@ class Databases(Service):
         """xrootd reads its chunk list when it starts: restart it if it runs (and is configured)."""
         if restart and self._restart_if_running is not None:
             await self._restart_if_running("xrootd")
+
+
+class IndexSink:
+    """Where index rows go; this one gathers them (subclasses send them on as they come)."""
+
+    def __init__(self) -> None:
+        self.description: list[dict] = []
+        self.gathered: list[list] = []
+
+    def start(self, description: list[dict]) -> None:
+        self.description = description
+
+    def rows(self, rows: list[list]) -> None:
+        self.gathered.extend(rows)
+
+
+def _feed(batches: Any, columns: list[str], sink: IndexSink) -> None:
+    """Hand a backend's select (types first, then row batches) to the sink, on a pool thread."""
+    try:
+        types = next(batches)
+        sink.start([{"name": c, "type": t} for c, t in zip(columns, types)])
+        for rows in batches:
+            sink.rows(rows)
+    finally:
+        batches.close()
 
 
 def _translated(work: Callable[..., Any], *args: Any) -> Any:

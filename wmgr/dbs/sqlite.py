@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Iterator, Optional
 from urllib.parse import quote
 
 from wmgr.dbs.ddl import (AUTOINCREMENT_TYPE, Column, Index, Table, parse_create_table, quote_sqlite,
@@ -213,17 +213,21 @@ class SqliteBackend:
         finally:
             conn.close()
 
-    def select(self, db: str, tables: list[str], columns: list[str]) -> tuple[list[list[Any]], list[str]]:
-        """The three index columns of every row of these tables, and their field type names."""
+    def select(self, db: str, tables: list[str], columns: list[str], batch: int = 10000) -> Iterator[list]:
+        """The field type names of these columns, then their values in every row of these
+        tables, `batch` rows at a time (run it on one thread: the connection lives in it)."""
         conn = self._connect(db)
         try:
             definition = self._definition(conn, tables[0])
-            types = [definition.field_type(c) for c in columns]
+            yield [definition.field_type(c) for c in columns]
             selected = ", ".join(quote_sqlite(c) for c in columns)
-            rows: list[list[Any]] = []
             for table in tables:
-                rows.extend(list(r) for r in conn.execute(f"SELECT {selected} FROM {quote_sqlite(table)}"))
-            return rows, types
+                cursor = conn.execute(f"SELECT {selected} FROM {quote_sqlite(table)}")
+                while True:
+                    rows = cursor.fetchmany(batch)
+                    if not rows:
+                        break
+                    yield [list(r) for r in rows]
         finally:
             conn.close()
 
