@@ -33,12 +33,17 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
+        # The databases API's MySQL/MariaDB backend ([dbs] backend = mysql). pymysql: pure Python
+        # (no client library or compiler to install), and it streams LOAD DATA LOCAL INFILE.
+        "mysql": ["pymysql>=1.1"],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.1",
             "openapi-spec-validator>=0.7",
             "pfurl>=2.3",
+            # The databases API's tests run on MariaDB as well as SQLite.
+            "pymysql>=1.1",
             # Property-based fuzzing of every operation of /openapi.json against the real daemon.
             "schemathesis>=4.0",
         ],

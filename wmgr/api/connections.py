@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import html
 import json
-from urllib.parse import parse_qs
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
 from klein import Klein
+from twisted.web.http import parse_qs
 from twisted.web.resource import Resource
 
 from wmgr.api.common import install_error_handlers, json_response

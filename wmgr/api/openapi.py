@@ -209,6 +209,9 @@ def document(path_sets: Iterable[Mapping[str, Any]], schemas: Iterable[Mapping[s
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "tokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
+                # The Qserv routes' legacy clients: the user:password of [qserv] secret_file.
+                "qservBasic": {"type": "http", "scheme": "basic"},
+                "qservDigest": {"type": "http", "scheme": "digest"},
             },
             "schemas": components,
         },
