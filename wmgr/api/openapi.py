@@ -204,7 +204,8 @@ def document(path_sets: Iterable[Mapping[str, Any]], schemas: Iterable[Mapping[s
     return {
         "openapi": "3.0.3",
         "info": {"title": "wmgr", "version": __version__,
-                 "description": "One HTTPS daemon per machine: the wr job queue and the pman API."},
+                 "description": "One HTTPS daemon per machine: the wr job queue, the pman API, the DUNE "
+                                "connection registry and the Qserv worker manager's services and databases."},
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
