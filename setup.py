@@ -9,7 +9,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "wmgr" / "__init__.py").
 setup(
     name="wmgr",
     version=VERSION,
-    description="Worker management daemon: the wr job queue and the pman API over HTTPS, a web dashboard and a command line",
+    description="Worker management daemon: the wr job queue, the pman API, a connection registry, and Qserv's "
+                "services and databases over HTTPS; a web dashboard and a command line",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
@@ -37,12 +38,17 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
+        # The databases API's MySQL/MariaDB backend ([dbs] backend = mysql). pymysql: pure Python
+        # (no client library or compiler to install), and it streams LOAD DATA LOCAL INFILE.
+        "mysql": ["pymysql>=1.1"],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.1",
             "openapi-spec-validator>=0.7",
             "pfurl>=2.3",
+            # The databases API's tests run on MariaDB as well as SQLite.
+            "pymysql>=1.1",
             # Property-based fuzzing of every operation of /openapi.json against the real daemon.
             "schemathesis>=4.0",
         ],

@@ -10,6 +10,9 @@ from wmgr.api import openapi
 from wmgr.api.dashboard import DASHBOARD_PATHS, Dashboard
 from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
+from wmgr.api.qserv import QSERV_SCHEMAS
+from wmgr.api.qserv_dbs import QSERV_DBS_PATHS, QservDbsAPI
+from wmgr.api.qserv_services import QSERV_SERVICES_PATHS, QservServicesAPI
 from wmgr.api.root import RootApp
 from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
 from wmgr.api.wr import WrAPI
@@ -31,13 +34,14 @@ def documented(doc):
 
 
 def test_document_is_valid_openapi_3():
-    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, DASHBOARD_PATHS, openapi.ROOT_PATHS,
-                               METRICS_PATHS]))
+    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, QSERV_DBS_PATHS, QSERV_SERVICES_PATHS,
+                               DASHBOARD_PATHS, openapi.ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS]))
 
 
 def test_every_route_is_documented_and_nothing_else():
-    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, DASHBOARD_PATHS, openapi.ROOT_PATHS,
-                            METRICS_PATHS])
-    routes = served_routes(WrAPI.app, PmanAPI.app, ConnectionsAPI.app, Dashboard.app, RootApp.app, MetricsAPI.app)
+    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, QSERV_DBS_PATHS, QSERV_SERVICES_PATHS,
+                            DASHBOARD_PATHS, openapi.ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
+    routes = served_routes(WrAPI.app, PmanAPI.app, ConnectionsAPI.app, QservDbsAPI.app, QservServicesAPI.app,
+                           Dashboard.app, RootApp.app, MetricsAPI.app)
     assert routes - documented(doc) == set()
     assert documented(doc) - routes == set()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import html
 import json
-from urllib.parse import parse_qs
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
+from urllib.parse import parse_qs as parse_text_qs  # of text: parse_qs of bytes fails on non-ASCII names
 
 from klein import Klein
 from twisted.web.resource import Resource
@@ -176,7 +176,7 @@ class ConnectionsAPI:
         # wmgr.api.channel), so it is read here, from the bytes already in hand.
         # Parsed as text: parse_qs of bytes fails (500) on a field name that decodes to non-ASCII.
         try:
-            values = parse_qs(raw.decode("ascii"), errors="strict").get("partition")
+            values = parse_text_qs(raw.decode("ascii"), errors="strict").get("partition")
         except UnicodeDecodeError:
             raise InvalidRequest("the form is not percent-encoded UTF-8 text") from None
         if not values:
