@@ -211,6 +211,7 @@ async def verb_add(s: Session) -> int:
 
 def counts_table(title: str, groups: dict[str, dict[str, int]]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     # Only the states some group has jobs in: seven mostly-empty columns do not fit a terminal.
     shown = [state for state in STATES if any(counts.get(state) for counts in groups.values())]
@@ -221,7 +222,7 @@ def counts_table(title: str, groups: dict[str, dict[str, int]]) -> Any:
     table.add_column("total", justify="right")
     for name in sorted(groups):
         counts = groups[name]
-        table.add_row(name, *(str(counts.get(state, 0)) for state in shown), str(sum(counts.values())))
+        table.add_row(Text(name), *(str(counts.get(state, 0)) for state in shown), str(sum(counts.values())))
     return table
 
 
@@ -268,6 +269,7 @@ def detail_table(name: str, examples: list[dict[str, Any]]) -> Any:
 
 async def wait_for_groups(s: Session) -> int:
     """A live progress bar per rep group (finished = complete + buried) until every one is done."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     wanted = list(s.args.rep_grps)
@@ -289,7 +291,7 @@ async def wait_for_groups(s: Session) -> int:
             finished = counts.get("complete", 0) + counts.get("buried", 0)
             text = ", ".join(f"[{STATE_STYLE[st]}]{st} {counts[st]}[/]" for st in STATES if counts.get(st))
             if name not in bars:
-                bars[name] = progress.add_task(name, total=total, counts=text)
+                bars[name] = progress.add_task(escape(name), total=total, counts=text)
             progress.update(bars[name], completed=finished, total=total, counts=text)
         final.clear()
         final.update({name: groups.get(name, {}) for name in names})
@@ -339,11 +341,13 @@ async def verb_info(s: Session) -> int:
     if s.args.json:
         s.print_json(info)
         return EXIT_OK
+    from rich.text import Text
+
     table = Table(show_header=False, title="wmgr daemon", title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for key, value in info.items():
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))
     s.out.print(table)
     return EXIT_OK
 
@@ -352,6 +356,7 @@ async def verb_warnings(s: Session) -> int:
     from datetime import datetime
 
     from rich.table import Table
+    from rich.text import Text
 
     warnings = await s.call("GET", "rest/v1/warnings/")
     if s.args.json:
@@ -365,7 +370,89 @@ async def verb_warnings(s: Session) -> int:
         table.add_column(column)
     stamp = lambda t: datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     for w in warnings:
-        table.add_row(w["Msg"], str(w["Count"]), stamp(w["FirstDate"]), stamp(w["LastDate"]))
+        table.add_row(Text(w["Msg"]), str(w["Count"]), stamp(w["FirstDate"]), stamp(w["LastDate"]))
+    s.out.print(table)
+    return EXIT_OK
+
+
+# -- the other APIs: connection registry, Qserv services and databases --------------------------------
+
+
+async def verb_connections(s: Session) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    answer = await s.call("GET", "connections/partitions")
+    if s.args.json:
+        s.print_json(answer)
+        return EXIT_OK
+    if not answer["partitions"]:
+        s.out.print("no partitions")
+        return EXIT_OK
+    table = Table(title=f"connection partitions (entries live {answer['ttl']:g} s)", title_justify="left")
+    table.add_column("partition")
+    table.add_column("live entries", justify="right")
+    for partition in answer["partitions"]:
+        table.add_row(Text(partition["partition"]), str(partition["entries"]))
+    s.out.print(table)
+    return EXIT_OK
+
+
+async def verb_services(s: Session) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    if s.args.action:
+        if not s.args.name:
+            raise CliError(f"which service? wmgr services {s.args.action} NAME", EXIT_USAGE)
+        answer = await s.call("PUT", f"services/{quote(s.args.name, safe='')}", data=f"action={s.args.action}".encode(),
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+        states = [answer["result"]]
+    else:
+        names = [item["name"] for item in (await s.call("GET", "services"))["results"]]
+        states = [(await s.call("GET", f"services/{quote(name, safe='')}"))["result"] for name in names]
+    if s.args.json:
+        s.print_json(states if not s.args.action else states[0])
+        return EXIT_OK
+    if not states:
+        s.out.print("no services configured")
+        return EXIT_OK
+    table = Table(title="services", title_justify="left")
+    for column, justify in (("service", "left"), ("state", "left"), ("pid", "right"), ("uptime", "right"),
+                            ("restarts", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for state in states:
+        style = "green" if state["state"] == "active" else "red"
+        table.add_row(Text(state["name"]), Text(state["state"], style=style),
+                      _or_blank(state.get("pid")), _or_blank(state.get("uptime"), "{:.0f}s"),
+                      _or_blank(state.get("restarts")))
+    s.out.print(table)
+    return EXIT_OK
+
+
+def _or_blank(value: Any, form: str = "{}") -> str:
+    return "" if value is None else form.format(value)
+
+
+async def verb_dbs(s: Session) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    dbs = [item["name"] for item in (await s.call("GET", "dbs"))["results"]]
+    tables = {db: [t["name"] for t in (await s.call("GET", f"dbs/{quote(db, safe='')}/tables"))["results"]]
+              for db in dbs}
+    if s.args.json:
+        s.print_json(tables)
+        return EXIT_OK
+    if not dbs:
+        s.out.print("no databases")
+        return EXIT_OK
+    table = Table(title="databases", title_justify="left")
+    table.add_column("database")
+    table.add_column("tables", justify="right")
+    table.add_column("names")
+    for db, names in tables.items():
+        table.add_row(Text(db), str(len(names)), Text(", ".join(names)))
     s.out.print(table)
     return EXIT_OK
 
@@ -421,13 +508,20 @@ def parser() -> argparse.ArgumentParser:
         if name == "kill":
             verb.add_argument("--lost", action="store_true", help="confirm lost jobs dead instead")
     verbs.add_parser("info", help="the daemon: version, address, mode")
+    verbs.add_parser("connections", help="the connection registry's partitions and their live entries")
+    services = verbs.add_parser("services", help="the configured services and their state; or start, stop or "
+                                                 "restart one")
+    services.add_argument("action", nargs="?", choices=("start", "stop", "restart"))
+    services.add_argument("name", nargs="?", metavar="NAME")
+    verbs.add_parser("dbs", help="the Qserv databases and their tables")
     verbs.add_parser("warnings", help="scheduler warnings (reading them clears them)")
     return top
 
 
 VERBS: dict[str, Callable[[Session], Any]] = {
     "add": verb_add, "status": verb_status, "kill": verb_kill, "remove": verb_remove, "retry": verb_retry,
-    "info": verb_info, "warnings": verb_warnings,
+    "info": verb_info, "warnings": verb_warnings, "connections": verb_connections, "services": verb_services,
+    "dbs": verb_dbs,
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import ssl
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,16 @@ class Api:
         self.token = (data_dir / "client.token").read_text().strip()
         self.context = ssl.create_default_context(cafile=str(data_dir / "ca.pem"))
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, form: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
+        kind = "application/json"
+        if form is not None:
+            data, kind = urllib.parse.urlencode(form).encode(), "application/x-www-form-urlencoded"
         request = urllib.request.Request(self.url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+            "Authorization": f"Bearer {self.token}", "Content-Type": kind})
         with urllib.request.urlopen(request, context=self.context, timeout=30) as response:
-            return json.loads(response.read())
+            body = response.read()
+        return json.loads(body) if body.strip()[:1] in (b"[", b"{") else body  # /publish answers OK
 
     def job(self, key: str) -> dict[str, Any]:
         return self.call("GET", f"rest/v1/jobs/{key}")[0]
@@ -131,6 +136,36 @@ def steps(page: Any, context: Any, api: Api, artifacts: Path) -> None:
     assert page.evaluate("typeof window.xss") == "undefined", "a job's command ran as script"
     assert page.locator("#job-fields script, #job-stdout img, #jobs img").count() == 0
     assert page.locator("#chart svg circle").count() >= 1, "the memory and time chart is empty"
+
+    print("the other APIs' views: connections, services, databases")
+    api.call("POST", "publish", {"partition": "ccTest", "connections": [
+        {"uid": f"DRO-00{n}-tp_to_trigger", "uri": f"tcp://127.0.0.1:{1234 + n}", "data_type": "TPSet",
+         "connection_type": 0} for n in range(2)]})
+    page.click("#tabs .tab[data-view='connections-view']")
+    page.locator("#partitions tbody tr", has_text="ccTest").filter(has_text="2").wait_for()
+    assert page.locator("#jobs-view").is_hidden()
+
+    page.click("#tabs .tab[data-view='services-view']")
+    sleeper = page.locator("#services tbody tr[data-service='sleeper']")
+    sleeper.locator(".service-state.active").wait_for()
+    sleeper.get_by_role("button", name="stop", exact=True).click()
+    page.locator("#services tbody tr[data-service='sleeper'] .service-state.stopped").wait_for()
+    assert api.call("GET", "services/sleeper")["result"]["state"] == "stopped"
+    page.locator("#services tbody tr[data-service='sleeper']").get_by_role("button", name="start", exact=True).click()
+    page.locator("#services tbody tr[data-service='sleeper'] .service-state.active").wait_for()
+
+    api.call("POST", "dbs", form={"db": "LSST"})
+    api.call("POST", "dbs/LSST/tables", form={
+        "table": "Object", "schema": "CREATE TABLE Object (objectId BIGINT NOT NULL PRIMARY KEY, ra DOUBLE)"})
+    page.click("#tabs .tab[data-view='dbs-view']")
+    page.locator("#dbs tbody tr[data-db='LSST']", has_text="Object").wait_for()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(artifacts / "dashboard-dbs.png"))
+    page.click("#tabs .tab[data-view='services-view']")
+    page.locator("#services tbody tr[data-service='sleeper'] .service-state.active").wait_for()
+    page.screenshot(path=str(artifacts / "dashboard-services.png"))
+    page.click("#tabs .tab[data-view='jobs-view']")
+    page.locator("#group-detail").wait_for()
 
     print("screenshot")
     page.locator("#close-job").click()  # the group's bars, categories, jobs and chart stay

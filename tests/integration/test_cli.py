@@ -4,6 +4,7 @@ exit code 3 for a daemon that is down, a bad token or a certificate mismatch."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -214,3 +215,58 @@ async def test_an_interrupted_wait_exits_130_quietly(daemon, client, reactor):
         await client.delete(f"rest/v1/jobs/{job['Key']}", params={"state": "running"})
     assert waiting.returncode == 130, err
     assert err.strip().splitlines()[-1] == "wmgr: interrupted" and "Traceback" not in err
+
+# -- the connection registry ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_lists_partitions_with_their_live_entries(daemon, client):
+    assert wmgr(daemon.data_dir, "connections").stdout.strip() == "no partitions"
+    for partition, count in (("ccTest", 2), ("other", 1)):
+        body = {"partition": partition, "connections": [
+            {"uid": f"DRO-{n:03d}-tp_to_trigger", "uri": f"tcp://127.0.0.1:{1234 + n}", "data_type": "TPSet",
+             "connection_type": 0} for n in range(count)]}
+        reply = await client.post("publish", body)
+        assert reply.code == 200, reply
+    result = wmgr(daemon.data_dir, "connections")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"ccTest\s+│\s+2", result.stdout) and re.search(r"other\s+│\s+1", result.stdout), result.stdout
+    listing = json.loads(wmgr(daemon.data_dir, "--json", "connections").stdout)
+    assert {p["partition"]: p["entries"] for p in listing["partitions"]} == {"ccTest": 2, "other": 1}
+
+# -- Qserv services and databases ----------------------------------------------------------------
+
+SERVICES = "[service:sleeper]\ncommand = /bin/sh -c \"exec sleep 1000\"\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_services_list_start_stop_restart(make_daemon, reactor):
+    daemon = await make_daemon(config=SERVICES)
+    try:
+        result = wmgr(daemon.data_dir, "services")
+        assert result.returncode == 0 and re.search(r"sleeper\s+│\s+active", result.stdout), result.stdout
+        stopped = json.loads(wmgr(daemon.data_dir, "--json", "services", "stop", "sleeper").stdout)
+        assert stopped["name"] == "sleeper" and stopped["state"] != "active"
+        assert json.loads(wmgr(daemon.data_dir, "--json", "services").stdout)[0]["state"] == stopped["state"]
+        started = wmgr(daemon.data_dir, "services", "start", "sleeper")
+        assert started.returncode == 0 and "active" in started.stdout, started.stderr
+        first = json.loads(wmgr(daemon.data_dir, "--json", "services").stdout)[0]["pid"]
+        again = json.loads(wmgr(daemon.data_dir, "--json", "services", "restart", "sleeper").stdout)
+        assert again["state"] == "active" and again["pid"] != first
+        assert_one_clear_line(wmgr(daemon.data_dir, "services", "start", "nope"), 1, "nope")
+        assert_one_clear_line(wmgr(daemon.data_dir, "services", "start"), 2, "which service")
+    finally:
+        assert await daemon.stop(reactor) == 0, daemon.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dbs_lists_databases_and_their_tables(daemon, client):
+    assert wmgr(daemon.data_dir, "dbs").stdout.strip() == "no databases"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert (await client.post("dbs", data=b"db=LSST", headers=form)).code == 201
+    assert (await client.post("dbs", data=b"db=Empty", headers=form)).code == 201
+    schema = "table=Object&schema=CREATE+TABLE+Object+(objectId+BIGINT+NOT+NULL+PRIMARY+KEY,+ra+DOUBLE)"
+    assert (await client.post("dbs/LSST/tables", data=schema.encode(), headers=form)).code == 201
+    result = wmgr(daemon.data_dir, "dbs")
+    assert result.returncode == 0 and re.search(r"LSST\s+│\s+1\s+│\s+Object", result.stdout), result.stdout
+    assert json.loads(wmgr(daemon.data_dir, "--json", "dbs").stdout) == {"Empty": [], "LSST": ["Object"]}

@@ -54,7 +54,9 @@ function when(unix) {
 
 async function api(method, path, body) {
   const options = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
-  if (body !== undefined) {
+  if (body instanceof URLSearchParams) {
+    options.body = body; // a form (the Qserv APIs read forms)
+  } else if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
