@@ -38,7 +38,7 @@ from common import arguments, daemon, machine, run_main  # noqa: E402
 
 import psutil  # noqa: E402
 
-from tests.conftest import mysql_available  # noqa: E402
+from tests.dbs_support import mysql_available  # noqa: E402
 from wmgr.dbs.ddl import parse_create_table, sqlite_statements  # noqa: E402
 
 DB = f"bench_qserv_{os.getpid()}"
