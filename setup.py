@@ -10,12 +10,13 @@ setup(
     name="wmgr",
     version=VERSION,
     description="Worker management daemon: the wr job queue, the pman API, a connection registry, and Qserv's "
-                "services and databases over HTTPS",
+                "services and databases over HTTPS; a web dashboard and a command line",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # twisted/plugins has no __init__.py on purpose: one would shadow Twisted's own package.
     packages=find_packages(include=["wmgr", "wmgr.*"]) + ["twisted.plugins"],
+    package_data={"wmgr": ["static/*"]},  # the dashboard's page
     install_requires=[
         # >= 24.7: inlineCallbacks and LoopingCall accept coroutines, so async def works everywhere.
         "twisted[tls]>=24.7",
@@ -28,6 +29,9 @@ setup(
         "psutil>=5.9",
         # wr's job keys are FarmHash Fingerprint128; clients that compute keys must find their jobs.
         "pyfarmhash>=0.3",
+        # The `wmgr` command's tables and live progress bars: well kept, pure Python, no compiled
+        # parts, and it degrades to plain text when the output is not a terminal.
+        "rich>=13",
         # /metrics: the reference Prometheus client, so the exposition format (escaping, HELP/TYPE,
         # histograms) is right by construction; per-daemon registries and custom collectors let the
         # job counts be read from the domain at scrape time, with no calls on the hot paths.
@@ -52,6 +56,7 @@ setup(
         # gunicorn), so that its figures compare against that design in the same run.
         "bench": ["flask>=2.1", "gunicorn>=20.1"],
     },
+    entry_points={"console_scripts": ["wmgr=wmgr.cli:main"]},
     # A flat layout with a top-level twisted/plugins: the default (strict) editable install hides
     # that folder from twistd's plugin scan, so editable installs put the project root on sys.path.
     options={"editable_wheel": {"mode": "compat"}},

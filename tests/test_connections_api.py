@@ -147,6 +147,8 @@ MALFORMED = [
     ("/retract-partition", b""),
     ("/retract-partition", json.dumps({"session": "ccTest"}).encode()),
     ("/retract-partition", json.dumps({"partition": 5}).encode()),
+    ("/retract-partition", b"%C3%BF%EC=1&partition=ccTest"),  # a name that decodes to non-ASCII (was a 500)
+    ("/retract-partition", "partition=ccé".encode()),  # not percent-encoded
 ]
 
 

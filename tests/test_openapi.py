@@ -7,6 +7,7 @@ import re
 from openapi_spec_validator import validate
 
 from wmgr.api import openapi
+from wmgr.api.dashboard import DASHBOARD_PATHS, Dashboard
 from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.qserv import QSERV_SCHEMAS
@@ -34,13 +35,13 @@ def documented(doc):
 
 def test_document_is_valid_openapi_3():
     validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, QSERV_DBS_PATHS, QSERV_SERVICES_PATHS,
-                               openapi.ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS]))
+                               DASHBOARD_PATHS, openapi.ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS]))
 
 
 def test_every_route_is_documented_and_nothing_else():
     doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, QSERV_DBS_PATHS, QSERV_SERVICES_PATHS,
-                            openapi.ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
+                            DASHBOARD_PATHS, openapi.ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
     routes = served_routes(WrAPI.app, PmanAPI.app, ConnectionsAPI.app, QservDbsAPI.app, QservServicesAPI.app,
-                           RootApp.app, MetricsAPI.app)
+                           Dashboard.app, RootApp.app, MetricsAPI.app)
     assert routes - documented(doc) == set()
     assert documented(doc) - routes == set()

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.connections import SEGMENTS as CONNECTION_SEGMENTS
+from wmgr.api.dashboard import DASHBOARD_PATHS, Dashboard
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.channel import BodyLimits, WmgrSite
 from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
@@ -32,10 +33,12 @@ from wmgr.api.qserv_auth import QservAuth
 from wmgr.api.qserv_dbs import QSERV_DBS_PATHS, QservDbsAPI
 from wmgr.api.qserv_services import QSERV_SERVICES_PATHS, QservServicesAPI
 from wmgr.api.root import Root, RootApp, Surface
+from wmgr.api.sessions import Sessions
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, ensure_token
 from wmgr.config import Config
 from wmgr.connections.service import ConnectionService
+from wmgr.jobs.groupcounts import CountsFeed
 from wmgr.dbs import Databases, make_backend
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
@@ -98,6 +101,7 @@ class WmgrService(MultiService):
         self.queue: Optional[JobQueue] = None
         self.launcher: Optional[LauncherPool] = None
         self._started: Optional[Deferred[None]] = None
+        self.dashboard: Optional[Dashboard] = None
         self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
@@ -144,7 +148,7 @@ class WmgrService(MultiService):
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
         openapi = document([WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, QSERV_SERVICES_PATHS, QSERV_DBS_PATHS,
-                            ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
+                            DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
         self.metrics = Metrics(openapi["paths"])
         self.metrics.watch(self.queue, self.launcher, self.store)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
@@ -178,9 +182,15 @@ class WmgrService(MultiService):
         self.databases.setServiceParent(self)
         surfaces.append(Surface(("dbs", "xrootd"), self.qserv_auth.protect(QservDbsAPI(self.databases).resource()),
                                 own_auth=True))
+        sessions = Sessions(self._reactor)
+        # A service, before the listeners: stopped right after them, it ends the open event streams.
+        self.dashboard = Dashboard(token, sessions, CountsFeed(self.store, self._reactor, self.queue.notices.peek),
+                                   self._reactor)
+        self.dashboard.setServiceParent(self)
+        surfaces.append(Surface(("ui",), self.dashboard.resource(), own_auth=True))
         fallback = RootApp(openapi).app.resource()
-        site = WmgrSite(Root(token, surfaces, fallback), BodyLimits(config.body_limits), config.header_timeout,
-                        observe=self.metrics.observe_request, reactor=self._reactor)
+        site = WmgrSite(Root(token, surfaces, fallback, sessions), BodyLimits(config.body_limits),
+                        config.header_timeout, observe=self.metrics.observe_request, reactor=self._reactor)
 
         self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,
                                                           interface=config.interface), site)
