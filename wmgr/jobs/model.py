@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 from typing import Any, Iterable, Mapping, Optional
@@ -415,6 +416,10 @@ RUN_FIELDS: dict[str, Any] = {
 }
 
 
+_RUN_NAMES = tuple(RUN_FIELDS)
+_run_values = operator.attrgetter(*RUN_FIELDS)
+
+
 class Job:
     """One job of the queue: its definition, its state, and what its latest run produced."""
 
@@ -474,7 +479,7 @@ class Job:
         return (self.spec["rep_grp"], self.state, self.exitcode, self.fail_reason)
 
     def run_record(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in RUN_FIELDS}
+        return dict(zip(_RUN_NAMES, _run_values(self)))
 
     def restore_run(self, record: Mapping[str, Any]) -> None:
         for name, value in record.items():
@@ -482,11 +487,22 @@ class Job:
                 setattr(self, name, value)
 
     def reset_run(self) -> None:
-        kept = {name: getattr(self, name) for name in ("attempts", "failures", "memory_floor")}
-        for name, value in RUN_FIELDS.items():
-            setattr(self, name, value)
-        for name, value in kept.items():
-            setattr(self, name, value)
+        """Back to RUN_FIELDS' values, but for attempts, failures and memory_floor (assigned
+        directly, as in __init__: this runs once per job start; a test holds it to RUN_FIELDS)."""
+        self.pid = 0
+        self.host = ""
+        self.host_ip = ""
+        self.started = None
+        self.ended = None
+        self.exited = False
+        self.exitcode = 0
+        self.fail_reason = ""
+        self.peak_ram = 0
+        self.cpu_time = 0.0
+        self.actual_cwd = ""
+        self.home_changed = False
+        self.kill_reason = ""
+        self.delay_until = None
         self.stdout = self.stderr = ""
 
     def walltime(self, now: float) -> float:

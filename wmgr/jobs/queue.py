@@ -609,7 +609,7 @@ class JobQueue(Service):
                 remove_workdir(workspace.root)
         # Only once the end is committed may the files that also record it go (see _recover).
         await self._save([job], samples=samples, strict=True)
-        run.files.remove()
+        run.remove_files()
         if job.state == model.COMPLETE:
             released = self.deps.dependants(job)
             if self.live.get(job.key) is job:
