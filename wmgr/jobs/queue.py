@@ -73,6 +73,11 @@ class JobQueue(Service):
 
     name = "queue"
 
+    # How long the scheduling pass after a run's end waits, so that the ends of that moment
+    # share one pass: under a stream of short jobs each end otherwise had a reactor turn, a
+    # pass and a write to a launcher of its own. Other passes (adds, user actions) go at once.
+    schedule_delay = 0.002
+
     def __init__(self, store: Store, run_dir: Path, reactor: Any, capacity: Capacity,
                  policy: Optional[QueuePolicy] = None, spawn: Callable[..., Any] = spawn_in_session,
                  host: Optional[tuple[str, str]] = None, in_thread: Callable[..., Deferred[Any]] = deferToThread) -> None:
@@ -503,10 +508,11 @@ class JobQueue(Service):
 
     # -- running -------------------------------------------------------------------------------
 
-    def _reschedule(self) -> None:
-        """Ask for a scheduling pass soon; many events in one reactor turn share one pass."""
+    def _reschedule(self, delay: float = 0.0) -> None:
+        """Ask for a scheduling pass soon; many events in one reactor turn (or in `delay`)
+        share one pass."""
         if self.running and self._schedule_call is None:
-            self._schedule_call = self._reactor.callLater(0, self._schedule)
+            self._schedule_call = self._reactor.callLater(delay, self._schedule)
 
     def _schedule(self) -> None:
         self._schedule_call = None
@@ -564,17 +570,17 @@ class JobQueue(Service):
         job.actual_cwd = workspace.relative_cwd
         job.home_changed = workspace.home_changed
         self.runs[job.key] = run
-        self._save([job])
+        self.journal.mark([job])
         self._follow(job, run)
 
     def _started(self, job: Job, run: Any, pid: int) -> None:
         if self.runs.get(job.key) is run and job.state == model.RESERVED:
             job.pid = pid
             job.state = model.RUNNING
-            self._save([job])
+            self.journal.mark([job])
 
     def _follow(self, job: Job, run: Any) -> None:
-        run.done.addCallback(lambda result: ensureDeferred(self._run_ended(result, job, run)))
+        run.done.addCallback(self._run_ended, job, run)
         run.done.addErrback(lambda f: log.failure("the end of job {key} could not be recorded", f, key=job.key))
 
     def _end_without_run(self, job: Job, reason: str, detail: str = "") -> None:
@@ -584,20 +590,30 @@ class JobQueue(Service):
         job.stderr = detail
         self._save([job])
 
-    async def _run_ended(self, result: RunResult, job: Job, run: Any) -> None:
+    def _run_ended(self, result: RunResult, job: Job, run: Any) -> Deferred[None]:
+        """A run has ended: record it; fires once its end is committed and followed up. Without
+        behaviours (nearly every job) this is plain callbacks, not a coroutine: it runs once per
+        job on the reactor."""
         succeeded = result.exitcode == 0 and not result.kill_reason and not result.lost
         behaviours = behaviours_for(job.spec, succeeded)
-        remove = False
         if behaviours and run.workspace is not None:
-            workspace = run.workspace
-            root = os.path.dirname(workspace.cwd) if workspace.tmp else None
-            outcome = await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root,
-                                           workspace.base)
-            remove = outcome.remove
+            return ensureDeferred(self._behave_then_end(result, job, run, behaviours))
+        return self._end(result, job, run, behaviours, False)
+
+    async def _behave_then_end(self, result: RunResult, job: Job, run: Any, behaviours: Any) -> None:
+        workspace = run.workspace
+        root = os.path.dirname(workspace.cwd) if workspace.tmp else None
+        outcome = await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root,
+                                       workspace.base)
+        await self._end(result, job, run, behaviours, outcome.remove)
+
+    def _end(self, result: RunResult, job: Job, run: Any, behaviours: Any, remove: bool) -> Deferred[None]:
         self.runs.pop(job.key, None)
         self._release(job)
         # The slot is free now: the next job need not wait for this one's end to be committed.
-        self._reschedule()
+        # The pass waits a moment so that the ends of that moment share it (one pass, one write
+        # to each launcher, one reactor turn for several starts).
+        self._reschedule(self.schedule_delay)
         samples = self._record(job, result)
         workspace = run.workspace
         if workspace is not None and workspace.tmp:
@@ -608,7 +624,9 @@ class JobQueue(Service):
             elif not getattr(run, "workdir_removed", False):
                 remove_workdir(workspace.root)
         # Only once the end is committed may the files that also record it go (see _recover).
-        await self._save([job], samples=samples, strict=True)
+        return self._save([job], samples=samples, strict=True).addCallback(self._end_committed, job, run, remove)
+
+    def _end_committed(self, _: Any, job: Job, run: Any, remove: bool) -> Any:
         run.remove_files()
         if job.state == model.COMPLETE:
             released = self.deps.dependants(job)
@@ -616,10 +634,16 @@ class JobQueue(Service):
                 self._unindex(job)
             self._release_waiting(released)
         elif remove and job.state == model.BURIED:
-            try:
-                await self.delete([job])
-            except Conflict as e:
-                log.info("job {key} was not removed: {why}", key=job.key, why=e.reason)
+            return ensureDeferred(self._remove_buried(job))
+        self._reschedule(self.schedule_delay)
+        self._check_drained()
+        return None
+
+    async def _remove_buried(self, job: Job) -> None:
+        try:
+            await self.delete([job])
+        except Conflict as e:
+            log.info("job {key} was not removed: {why}", key=job.key, why=e.reason)
         self._reschedule()
         self._check_drained()
 
