@@ -126,9 +126,19 @@ def main() -> None:
     removals: dict[int, str] = {}  # pid -> the directory to remove once it has ended
     outputs: dict[int, tuple[str, str, int]] = {}  # pid -> (stdout, stderr, limit) to read at its end
 
-    def write(event: dict[str, Any]) -> None:
-        out.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
-        out.flush()
+    # Events wait here (under `lock`) and are written together: the starts of one batch of
+    # requests in one write, the ends reaped together in one. Each write wakes the daemon's
+    # reactor for a turn of its own, so fewer writes are less of its time per job.
+    pending: list[bytes] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        pending.append(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+
+    def flush() -> None:
+        if pending:
+            out.write(b"".join(pending))
+            out.flush()
+            pending.clear()
 
     def reap() -> None:
         while True:
@@ -136,77 +146,103 @@ def main() -> None:
                 while running[0] == 0:
                     children.wait()
             try:
-                pid, status, usage = os.wait4(-1, 0)
+                ended = [os.wait4(-1, 0)]
             except ChildProcessError:
                 continue
+            while True:  # the others that have ended meanwhile: reported together
+                try:
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if not pid:
+                    break
+                ended.append((pid, status, usage))
             with children:
-                running[0] -= 1
+                running[0] -= len(ended)
             with lock:  # held by the spawn until its removal is registered
-                directory = removals.pop(pid, None)
-                output = outputs.pop(pid, None)
-            event = {"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
-            if output is not None:
-                # Read here, not by the daemon: two stats (and, rarely, reads) per job off the
-                # reactor. Outside the lock: it holds up no start.
-                stdout, stderr, limit = output
-                text = read_bounded(stdout, limit)
-                if text:
-                    event["out"] = text
-                text = read_bounded(stderr, limit)
-                if text:
-                    event["err"] = text
-            with lock:
-                write(event)
+                found = [(removals.pop(pid, None), outputs.pop(pid, None)) for pid, _, _ in ended]
+            events = []
+            for (pid, status, usage), (_, output) in zip(ended, found):
+                event = {"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
+                if output is not None:
+                    # Read here, not by the daemon: two stats (and, rarely, reads) per job off the
+                    # reactor. Outside the lock: it holds up no start.
+                    stdout, stderr, limit = output
+                    text = read_bounded(stdout, limit)
+                    if text:
+                        event["out"] = text
+                    text = read_bounded(stderr, limit)
+                    if text:
+                        event["err"] = text
+                events.append(event)
+            with lock:  # after any start still pending: a process is reported started first
+                for event in events:
+                    emit(event)
+                flush()
             # After the end is reported, so that it is not held up (a job whose directory is to go
             # has no behaviours that could still need it, and a retry gets a new directory).
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+            for directory, _ in found:
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+
+    def handle(line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            if "unlink" in request:
+                # Run files whose end the daemon has committed (see Launcher.remove_later).
+                _unlink_all(request["unlink"])
+                return
+            env = request["env"] if request["env"] is not None else base_env.copy()
+            env.update(request["extra"])
+            stdin, stdout, stderr = request["stdio"]
+            if "make" in request:
+                make_job_dirs(*request["make"])
+            if "fresh" in request:
+                # A status file left by an earlier run must not be taken for this one's.
+                try:
+                    os.unlink(request["fresh"])
+                except FileNotFoundError:
+                    pass
+            pid = os.posix_spawn(
+                request["argv"][0], request["argv"], env,
+                file_actions=stdio_actions(stdin, stdout, stderr),
+                setsid=True, setsigdef=ignored,
+            )
+        except Exception as e:
+            # Whatever one request makes posix_spawn (or its arguments) raise -- E2BIG, a NUL
+            # byte or a lone surrogate in a value, a malformed request -- fails that job only.
+            emit({"id": _request_id(line), "error": _describe(e)})
+            return
+        if request.get("remove"):
+            removals[pid] = request["remove"]
+        if "read" in request:
+            outputs[pid] = (stdout, stderr, request["read"])
+        with children:
+            running[0] += 1
+            children.notify()
+        emit({"id": request["id"], "pid": pid})
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
     daemon = os.getppid()
-    for line in sys.stdin.buffer:
-        if os.getppid() != daemon:
-            # The daemon died (kill -9) with requests still in the pipe. Starting them now could
-            # run a job twice: the next daemon queues again what it finds no trace of.
+    rest = b""
+    while True:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
             break
-        # The lock is held from the spawn until its pid is reported, so that a process that ends
-        # at once is never reported ended before it is reported started.
-        with lock:
-            try:
-                request = json.loads(line)
-                if "unlink" in request:
-                    # Run files whose end the daemon has committed (see Launcher.remove_later).
-                    _unlink_all(request["unlink"])
-                    continue
-                env = request["env"] if request["env"] is not None else base_env.copy()
-                env.update(request["extra"])
-                stdin, stdout, stderr = request["stdio"]
-                if "make" in request:
-                    make_job_dirs(*request["make"])
-                if "fresh" in request:
-                    # A status file left by an earlier run must not be taken for this one's.
-                    try:
-                        os.unlink(request["fresh"])
-                    except FileNotFoundError:
-                        pass
-                pid = os.posix_spawn(
-                    request["argv"][0], request["argv"], env,
-                    file_actions=stdio_actions(stdin, stdout, stderr),
-                    setsid=True, setsigdef=ignored,
-                )
-            except Exception as e:
-                # Whatever one request makes posix_spawn (or its arguments) raise -- E2BIG, a NUL
-                # byte or a lone surrogate in a value, a malformed request -- fails that job only.
-                write({"id": _request_id(line), "error": _describe(e)})
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            if os.getppid() != daemon:
+                # The daemon died (kill -9) with requests still in the pipe. Starting them now
+                # could run a job twice: the next daemon queues again what it finds no trace of.
+                return
+            if not line:
                 continue
-            if request.get("remove"):
-                removals[pid] = request["remove"]
-            if "read" in request:
-                outputs[pid] = (stdout, stderr, request["read"])
-            with children:
-                running[0] += 1
-                children.notify()
-            write({"id": request["id"], "pid": pid})
+            # The lock is held from the spawn until its pid is queued for reporting, so that a
+            # process that ends at once is never reported ended before it is reported started.
+            with lock:
+                handle(line)
+        with lock:
+            flush()
 
 
 def _request_id(line: bytes) -> Optional[int]:
