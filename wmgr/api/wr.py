@@ -62,15 +62,8 @@ class WrAPI:
         body = read_json(request)
         if not isinstance(body, list):
             raise InvalidRequest("the body must be a JSON array of job objects")
-        specs = []
-        for index, raw in enumerate(body):
-            try:
-                spec = model.parse_spec(raw, defaults)
-                rerun = rerun or bool(spec.get("rerun"))
-                spec = model.normalise(spec)
-            except InvalidRequest as e:
-                raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
-            specs.append(spec)
+        specs, rerun_asked = model.parse_specs(body, defaults)
+        rerun = rerun or rerun_asked
         # The reply for jobs that are all new is encoded while the store commits them; it is used
         # if they are what the queue answers with, in the states they were encoded in.
         prepared: list[Any] = []

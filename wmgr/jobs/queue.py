@@ -38,7 +38,7 @@ from wmgr.jobs.deps import DependencyIndex
 from wmgr.jobs.journal import Journal, dumps, row_to_job
 from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
 from wmgr.jobs.limits import LimitGroups, parse_limit_groups
-from wmgr.jobs.model import Job
+from wmgr.jobs.model import Job, stored_json
 from wmgr.jobs.notices import Notices
 from wmgr.jobs.policy import QueuePolicy
 from wmgr.jobs.runner import (
@@ -284,7 +284,7 @@ class JobQueue(Service):
                 self.deps.remove(job)
 
         now = self._reactor.seconds()
-        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, dumps(job.spec), now, job.spec.get("deps") or ())
+        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, stored_json(job.spec), now, job.spec.get("deps") or ())
                 for job in new_jobs]
         committed: Deferred[Any] = self.journal.insert(rows, rerun, limits)
         for job in new_jobs:
