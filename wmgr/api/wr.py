@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Any, Callable, Optional
 
@@ -14,6 +15,9 @@ from wmgr.jobs import model
 from wmgr.jobs.queue import JobQueue
 from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
+
+
+_key_and_state = operator.attrgetter("key", "state")
 
 
 class WrAPI:
@@ -69,11 +73,11 @@ class WrAPI:
         prepared: list[Any] = []
 
         def prepare(new_jobs: list[model.Job]) -> None:
-            prepared[:] = [[(job.key, job.state) for job in new_jobs],
+            prepared[:] = [list(map(_key_and_state, new_jobs)),
                            model.statuses_json([(job, 0) for job in new_jobs], time.time())]
 
         jobs = await self.queue.add(specs, rerun=rerun, while_committing=prepare)
-        if prepared and prepared[0] == [(job.key, job.state) for job in jobs]:
+        if prepared and prepared[0] == list(map(_key_and_state, jobs)):
             body = prepared[1]
         else:
             body = model.statuses_json([(job, 0) for job in jobs], time.time())

@@ -398,7 +398,7 @@ def parse_specs(body: list[Any], defaults: Mapping[str, Any]) -> tuple[list[dict
                     cmd = cmd_parser(cmd)
                 if not cmd or not cmd.strip():
                     raise InvalidRequest("cmd was not specified")
-                spec = EncodedSpec(template)
+                spec = EncodedSpec(template) if encoded is not None else template.copy()
                 spec["cmd"] = cmd
                 rerun = rerun or template_rerun
                 if derive_req_grp:
@@ -425,11 +425,7 @@ class EncodedSpec(dict):
     """A spec that also carries its stored JSON text (`json`), made from a template while the
     POST was parsed; `stored_json` hands it over once. Otherwise a dict like any other."""
 
-    __slots__ = ("json",)
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.json: Optional[str] = None
+    __slots__ = ("json",)  # set as soon as it is made (no __init__: one per job of a big add)
 
 
 def stored_json(spec: dict[str, Any]) -> str:

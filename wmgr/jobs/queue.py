@@ -263,14 +263,23 @@ class JobQueue(Service):
             if pending is not None:
                 await _quietly(pending)
         new_jobs = []
+        # What learning expects of a job depends on four of its values: asked once per distinct
+        # four within an add (as _learn_expectations does per job).
+        expectations: dict[tuple[Any, ...], tuple[int, float]] = {}
+        expected = self.learner.expected
+        live_jobs = self.live
         for key, spec in candidates.items():
             # A job that has just completed stays in memory until its end is committed; it is a
             # completed job all the same (left alone, or run again with rerun).
-            live = self.live.get(key)
+            live = live_jobs.get(key)
             if live is None or live.state == model.COMPLETE:
                 self._seq += 1
                 job = Job(key, spec, model.READY, self._seq)
-                self._learn_expectations(job)
+                shape = (spec["req_grp"], spec["memory"], spec["time"], spec.get("override", 0))
+                found = expectations.get(shape)
+                if found is None:
+                    found = expectations[shape] = expected(*shape)
+                job.expected_ram, job.expected_time = found
                 new_jobs.append(job)
         if any(job.spec.get("deps") for job in new_jobs):
             self.deps.check_acyclic([*self.live.values(), *new_jobs])
@@ -287,8 +296,7 @@ class JobQueue(Service):
         rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, stored_json(job.spec), now, job.spec.get("deps") or ())
                 for job in new_jobs]
         committed: Deferred[Any] = self.journal.insert(rows, rerun, limits)
-        for job in new_jobs:
-            self._adding[job.key] = committed
+        self._adding.update(dict.fromkeys([row[0] for row in rows], committed))
         if while_committing is not None:
             while_committing(new_jobs)
         try:
