@@ -204,19 +204,20 @@ class JobQueue(Service):
     def _index_new(self, jobs: list[Job]) -> None:
         """_index for jobs just added (in seq order), in bulk: an add of 100,000 jobs spent a
         tenth of its time indexing them one by one."""
+        live, by_rep_grp = self.live, self.by_rep_grp
         for job in jobs:
-            job.stored = job.group_key
-            old = self.live.get(job.key)
+            key, spec = job.key, job.spec
+            rep_grp = spec["rep_grp"]
+            job.stored = (rep_grp, job.state, job.exitcode, job.fail_reason)  # job.group_key
+            old = live.get(key)
             if old is not None:
                 self._unindex(old)  # the completed job it runs again
-        self.live.update((job.key, job) for job in jobs)
-        by_rep_grp = self.by_rep_grp
-        for job in jobs:
-            group = by_rep_grp.get(job.spec["rep_grp"])
+            live[key] = job
+            group = by_rep_grp.get(rep_grp)
             if group is None:
-                group = by_rep_grp[job.spec["rep_grp"]] = {}
-            group[job.key] = None
-            if "dep_grps" in job.spec or "deps" in job.spec:
+                group = by_rep_grp[rep_grp] = {}
+            group[key] = None
+            if "dep_grps" in spec or "deps" in spec:
                 self.deps.add(job)
         self.scheduler.push_new([job for job in jobs if job.state == model.READY])
 
@@ -258,10 +259,11 @@ class JobQueue(Service):
             candidates.setdefault(model.job_key(spec), spec)
 
         # Keys being added by a request still committing count as queued: wait for it to land.
-        for key in list(candidates):
-            pending = self._adding.get(key)
-            if pending is not None:
-                await _quietly(pending)
+        if self._adding:
+            for key in list(candidates):
+                pending = self._adding.get(key)
+                if pending is not None:
+                    await _quietly(pending)
         new_jobs = []
         # What learning expects of a job depends on four of its values: asked once per distinct
         # four within an add (as _learn_expectations does per job).
@@ -313,8 +315,7 @@ class JobQueue(Service):
         if groups:
             await self._hold_back(groups)
         self._reschedule()
-        return [self.live[key] for key in candidates
-                if key in self.live and self.live[key].state != model.COMPLETE]
+        return [job for job in map(self.live.get, candidates) if job is not None and job.state != model.COMPLETE]
 
     async def _hold_back(self, groups: set[str]) -> None:
         """New jobs joined these groups: jobs waiting for the groups wait again (live
