@@ -174,11 +174,13 @@ class ConnectionsAPI:
             return _text(body, "partition")
         # The urlencoded form of older clients: the site parses no form bodies (see
         # wmgr.api.channel), so it is read here, from the bytes already in hand.
-        values = parse_qs(raw).get(b"partition")
+        # As text in which each character is one byte (latin-1 both ways): parse_qs of bytes
+        # encodes what it unquoted back to ASCII and fails (a 500) on any %-escape over 0x7f.
+        values = parse_qs(raw.decode("latin-1"), encoding="latin-1").get("partition")
         if not values:
             raise InvalidRequest('give the partition as JSON {"partition": P} or as the form field partition=P')
         try:
-            partition = values[0].decode("utf-8")
+            partition = values[0].encode("latin-1").decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidRequest("the partition is not UTF-8 text") from None
         if not partition:
