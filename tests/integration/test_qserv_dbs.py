@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,6 @@ OBJECT = ("CREATE TABLE Object (objectId BIGINT NOT NULL, ra DOUBLE, decl DOUBLE
           "KEY IDX_ra (ra)) ENGINE=MyISAM")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def config_text(kind: str, tmp_path: Path) -> str:
     secret = tmp_path / "wmgr.secret"
     secret.write_text(":".join(SECRET) + "\n")
@@ -48,9 +41,7 @@ def config_text(kind: str, tmp_path: Path) -> str:
 @pytest_twisted.async_yield_fixture(params=BACKENDS)
 async def qserv(request: Any, make_daemon: Any, tmp_path: Path, reactor: Any) -> Any:
     skip_without_mysql(request.param)
-    http_port = free_port()
-    daemon = await make_daemon("--http-port", str(http_port), config=config_text(request.param, tmp_path))
-    daemon.http_port = http_port
+    daemon = await make_daemon("--http-port", "0", config=config_text(request.param, tmp_path))
     daemon.kind = request.param
     client = daemon.client(reactor)
     yield daemon, client
