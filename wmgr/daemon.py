@@ -24,8 +24,9 @@ from twisted.logger import Logger
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.workers import WORKER_PATHS, WorkersAPI
 from wmgr.api.wr import WrAPI
-from wmgr.auth import TOKEN_FILE, ensure_token
+from wmgr.auth import TOKEN_FILE, WORKER_TOKEN_FILE, ensure_token
 from wmgr.config import Config
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
@@ -34,8 +35,9 @@ from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
 from wmgr.store import Store
 from wmgr.files import write_public
-from wmgr.host import host_name
+from wmgr.host import host_address, host_name
 from wmgr.tls import ServerTLS
+from wmgr.workers.registry import Workers
 
 log = Logger()
 
@@ -85,6 +87,8 @@ class WmgrService(MultiService):
         self.store: Optional[Store] = None
         self.queue: Optional[JobQueue] = None
         self.launcher: Optional[LauncherPool] = None
+        self.workers: Optional[Workers] = None
+        self.agent: Any = None
         self._started: Optional[Deferred[None]] = None
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
@@ -111,6 +115,7 @@ class WmgrService(MultiService):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         token = ensure_token(self.data_dir)
+        worker_token = ensure_token(self.data_dir, WORKER_TOKEN_FILE)
         self.tls = ServerTLS(self.data_dir, config.tls_names)
 
         self.store = Store(self.data_dir / "wmgr.db", self._reactor)
@@ -123,17 +128,24 @@ class WmgrService(MultiService):
         self.queue.on_drained = self._drained
         self.queue.setServiceParent(self)
         await self.queue.ready
+        self.workers = Workers(self.queue, self._reactor, config.workers_timeout, config.worker_heartbeat,
+                               self.bad_servers)
+        self.workers.setServiceParent(self)
 
         self._add_timer(config.sample_interval, "sample running jobs", self.queue.sample)
         self._add_timer(config.renew_check_interval, "renew the server certificate", self.tls.renew_if_due)
         self._add_timer(config.prune_interval, "prune the job history", self.queue.prune)
+        self._add_timer(config.workers_check_interval, "check workers' liveness", self.workers.check)
+        if config.manager_url:
+            await self._become_worker()
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
-                                       shutdown=self.shutdown).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, ROOT_PATHS])).app.resource()
-        site = QuietSite(Root(token, surfaces, fallback))
+                                       shutdown=self.shutdown).resource()),
+                    (("worker",), WorkersAPI(self.workers).resource())]
+        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, ROOT_PATHS])).app.resource()
+        site = QuietSite(Root(token, surfaces, fallback, {"worker": worker_token}))
 
         self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,
                                                           interface=config.interface), site)
@@ -144,6 +156,26 @@ class WmgrService(MultiService):
         self.url = f"https://{url_host(config.interface)}:{self.port}/"
         write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")
         self._announce(first_start)
+
+    async def _become_worker(self) -> None:
+        """The worker role: an agent that pulls the manager's jobs and runs them here."""
+        from wmgr.client import Client
+        from wmgr.workers.agent import WorkerAgent
+        from wmgr.workers.outbox import Outbox
+
+        config = self.config
+        assert self.store is not None and self.launcher is not None
+        ca = Path(config.manager_ca).expanduser().read_bytes() if config.manager_ca else None
+        manager_token = Path(config.manager_token_file).expanduser().read_text().strip()
+        client = Client(self._reactor, config.manager_url, ca, manager_token)
+        self.agent = WorkerAgent(
+            self._reactor, client, config.worker_name or host_name(), host_address(),
+            Capacity.detect(config.worker_cores, config.worker_memory), Outbox(self.store),
+            self.data_dir / "worker-run", self.launcher.spawn, heartbeat=config.worker_heartbeat,
+            output_limit=config.output_limit, kill_grace=config.kill_grace)
+        self.agent.setServiceParent(self)
+        await self.agent.ready
+        self._add_timer(config.sample_interval, "sample pulled jobs", self.agent.sample)
 
     async def _listen(self, endpoint: Any, site: Any) -> int:
         port = await endpoint.listen(site)

@@ -91,6 +91,11 @@ MIGRATIONS: list[str] = [
     DROP INDEX jobs_state;
     CREATE INDEX jobs_completed ON jobs (updated, seq) WHERE state = 'complete';
     """,
+    # 4: a worker's reports to its manager (starts, ends) kept until the manager acknowledges them,
+    # so that none is lost while the manager is unreachable (wmgr/workers/outbox.py).
+    """
+    CREATE TABLE worker_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
+    """,
 ]
 
 _STOP = object()

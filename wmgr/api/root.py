@@ -59,9 +59,12 @@ class Root(Resource):
 
     isLeaf = True
 
-    def __init__(self, token: str, surfaces: Iterable[SurfaceLike], fallback: Any) -> None:
+    def __init__(self, token: str, surfaces: Iterable[SurfaceLike], fallback: Any,
+                 segment_tokens: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._token = token
+        # A second token that grants one first path segment only (the worker token: /worker/).
+        self._segment_tokens = {segment.encode(): value for segment, value in (segment_tokens or {}).items()}
         self._fallback = Surface((), fallback)
         self._surfaces: dict[bytes, Surface] = {}
         for surface in surfaces:
@@ -76,20 +79,22 @@ class Root(Resource):
         request.notifyFinish().addBoth(self._log, request, started)
         first = request.postpath[0] if request.postpath else b""
         surface = self._surfaces.get(first, self._fallback)
-        token_ok = request.path in PUBLIC_PATHS or self._authorised(request)
+        token_ok = request.path in PUBLIC_PATHS or self._authorised(request, first)
         if surface.own_auth:
             request.wmgr_token_ok = token_ok
         elif not token_ok:
             return json_response(request, {"error": "a valid token is required (Authorization: Bearer <token>)"}, 401)
         return surface.resource.render(request)
 
-    def _authorised(self, request: Any) -> bool:
+    def _authorised(self, request: Any, first: bytes) -> bool:
         # Only the URL's own query string counts: request.args also holds the fields of a
         # form-encoded body, which is what pfurl labels its JSON as, and a command in that body
         # could then pose as the token.
         _, _, query_string = request.uri.partition(b"?")
         query_token = parse_qs(query_string).get(b"token", [None])[0]
-        return token_matches(self._token, presented_token(request.getHeader(b"authorization"), query_token))
+        presented = presented_token(request.getHeader(b"authorization"), query_token)
+        limited = self._segment_tokens.get(first)
+        return token_matches(self._token, presented) or (limited is not None and token_matches(limited, presented))
 
     @staticmethod
     def _log(_: Any, request: Any, started: float) -> None:

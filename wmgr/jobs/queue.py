@@ -468,13 +468,16 @@ class JobQueue(Service):
         if save:
             self._save([job])
 
-    def _failed(self, job: Job, reason: str, permanent: bool = False) -> None:
+    def _failed(self, job: Job, reason: str, permanent: bool = False, immediate: bool = False) -> None:
         """A run failed: delayed for a retry while retries are left, else buried."""
         self.counters.failed += 1
         job.failures += 1
         job.fail_reason = reason
         if permanent or job.failures > job.spec.get("retries", 0):
             job.state = model.BURIED
+            return
+        if immediate:
+            self._make_ready(job, save=False)
             return
         delay = self.policy.backoff(job.failures)
         job.state = model.DELAYED
@@ -510,7 +513,7 @@ class JobQueue(Service):
 
     def _schedule(self) -> None:
         self._schedule_call = None
-        if self.paused or self.draining or not self.running:
+        if self.paused or self.draining or not self.running or not self.policy.run_local:
             return
         for job in self.scheduler.pick(self.live.get, _is_ready, self._limits_permit):
             self.limits.take(job.spec.get("limit_grps") or ())
@@ -519,9 +522,45 @@ class JobQueue(Service):
     def _limits_permit(self, job: Job) -> bool:
         return self.limits.permits(job.spec.get("limit_grps") or ())
 
-    def _release(self, job: Job) -> None:
-        self.scheduler.release(job)
+    def _release(self, job: Job, local: bool = True) -> None:
+        if local:
+            self.scheduler.release(job)
         self.limits.release(job.spec.get("limit_grps") or ())
+
+    # -- the seam: jobs that run elsewhere -----------------------------------------------------
+
+    def hand_out(self, capacity: Capacity, remote_run: Callable[[Job], Any], most: int = 0) -> list[Job]:
+        """Give ready jobs that fit `capacity` (a worker's free room) to a remote run each:
+        `remote_run(job)` returns a Run whose `done` fires when the worker reports the end or is
+        lost. The jobs are running (reserved until the worker reports the start) and hold their
+        limit groups; the local scheduler's own capacity is not touched."""
+        if self.paused or self.draining or not self.running:
+            return []
+        view = self.scheduler.view(capacity)
+        jobs = []
+        for job in view.pick(self.live.get, _is_ready, self._limits_permit, hand_misfits=False):
+            self.limits.take(job.spec.get("limit_grps") or ())
+            run = remote_run(job)
+            job.reset_run()
+            self.counters.started += 1
+            job.state = model.RESERVED
+            job.attempts += 1
+            job.host, job.host_ip = run.host, run.host_ip
+            job.started = self._reactor.seconds()
+            self.runs[job.key] = run
+            self._follow(job, run)
+            jobs.append(job)
+            if most and len(jobs) >= most:
+                break
+        if jobs:
+            self._save(jobs)
+        return jobs
+
+    def remote_started(self, job: Job, run: Any, pid: int, started: float) -> None:
+        """A worker reports that it started a job it was given."""
+        if self.runs.get(job.key) is run and job.state in model.ACTIVE_STATES:
+            job.pid, job.started, job.state = pid, started, model.RUNNING
+            self._save([job])
 
     def _start(self, job: Job) -> None:
         if self.scheduler.never_fits(job):
@@ -595,7 +634,7 @@ class JobQueue(Service):
                                            workspace.base)
             remove = outcome.remove
         self.runs.pop(job.key, None)
-        self._release(job)
+        self._release(job, local=not getattr(run, "remote", False))
         # The slot is free now: the next job need not wait for this one's end to be committed.
         self._reschedule()
         samples = self._record(job, result)
@@ -647,6 +686,10 @@ class JobQueue(Service):
                 job.memory_floor = memory_after_ram_failure(job.peak_ram, job.memory)
             self._failed(job, result.kill_reason)
             return [(job.spec["req_grp"], job.peak_ram, walltime)]
+        elif result.lost and getattr(result, "host_lost", False):
+            # Its worker went silent: the job did not fail, its host did. It counts against the
+            # retries, but is ready again at once (no back-off) for another worker.
+            self._failed(job, model.FAIL_LOST, immediate=True)
         elif result.lost:
             self.counters.failed += 1
             job.state, job.fail_reason = model.LOST, model.FAIL_LOST
