@@ -87,6 +87,9 @@ def main() -> None:
     children = threading.Condition()
     running = [0]
     removals: dict[int, str] = {}  # pid -> the directory to remove once it has ended
+    # Jobs that must not outlive the daemon (a worker's pulled jobs: once the worker is gone the
+    # manager gives them to another, so one left running here would run twice at once).
+    tied: set[int] = set()
 
     def write(event: dict[str, Any]) -> None:
         out.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
@@ -104,6 +107,7 @@ def main() -> None:
             with children:
                 running[0] -= 1
             with lock:  # held by the spawn until its removal is registered
+                tied.discard(pid)
                 directory = removals.pop(pid, None)
                 write({"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
             # After the end is reported, so that it is not held up (a job whose directory is to go
@@ -140,10 +144,19 @@ def main() -> None:
                 continue
             if request.get("remove"):
                 removals[pid] = request["remove"]
+            if request.get("tied"):
+                tied.add(pid)
             with children:
                 running[0] += 1
                 children.notify()
             write({"id": request["id"], "pid": pid})
+    # The daemon has gone (stopped, or killed: either way our stdin ends).
+    with lock:
+        for pid in tied:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _request_id(line: bytes) -> Optional[int]:
@@ -290,11 +303,12 @@ class Launcher:
 
     def spawn(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
               extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
-              make: tuple[str, ...] = ()) -> LaunchedProcess:
+              make: tuple[str, ...] = (), tied: bool = False) -> LaunchedProcess:
         """Ask for a process; the returned transport connects its protocol once it runs.
         `remove`: a directory the launcher removes once the process has ended and it has said so
         (a job's own directory: per-job work that needs nothing of the daemon's state); `make`: the
-        job's (base, parent, root, cwd, tmp) directories, made by the launcher just before the start."""
+        job's (base, parent, root, cwd, tmp) directories, made by the launcher just before the start;
+        `tied`: the launcher kills the process group when the daemon goes (stopped or killed)."""
         if self._protocol is None or self._protocol.transport is None:
             raise OSError("the job launcher is not running")
         process = LaunchedProcess(protocol)
@@ -306,6 +320,8 @@ class Launcher:
             request["remove"] = remove
         if make:
             request["make"] = list(make)
+        if tied:
+            request["tied"] = True
         self._protocol.transport.write(compactjson.dumps(request).encode() + b"\n")
         return process
 
@@ -377,6 +393,7 @@ class LauncherPool(Service):
         return launcher.spawn(*args, **kw)
 
     spawn.makes_workspace = True  # type: ignore[attr-defined]  # see runner.prepare_workspace
+    spawn.ties = True  # type: ignore[attr-defined]  # takes tied=True (see Launcher.spawn)
 
 
 if __name__ == "__main__":

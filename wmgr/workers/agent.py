@@ -16,6 +16,7 @@ it has run dry.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from typing import Any, Callable, Optional
@@ -37,6 +38,7 @@ PREFIX = "worker/v1/"
 # A request the manager does not answer within this many seconds counts as unreachable.
 REQUEST_TIMEOUT = 30.0
 STOPPED = "given to another worker, or cancelled, while this worker was unreachable"
+FENCED = "the manager was unreachable for as long as a lease lasts: stopped before it runs elsewhere"
 
 
 def machine_figures() -> dict[str, Any]:
@@ -86,7 +88,9 @@ class WorkerAgent(Service):
         self.capacity = capacity
         self.outbox = outbox
         self.run_dir = run_dir
-        self._spawn = spawn
+        self._makes_workspace = getattr(spawn, "makes_workspace", False)
+        # Pulled jobs die with this daemon: once it is gone the manager gives them to another.
+        self._spawn = functools.partial(spawn, tied=True) if getattr(spawn, "ties", False) else spawn
         self.heartbeat = heartbeat
         self.output_limit = output_limit
         self.kill_grace = kill_grace
@@ -94,12 +98,16 @@ class WorkerAgent(Service):
         self._figures = figures
         self.session: Optional[str] = None
         self.slots: dict[str, Slot] = {}
+        self.stopping: set[str] = set()  # told to stop, not ended yet: nothing is pulled meanwhile
+        self.manager_timeout = 60.0  # the manager's, told at registration
+        self.last_contact = 0.0  # when the last heartbeat the manager answered was sent
         self.used_cores = 0.0
         self.used_memory = 0
         self.used_slots = 0
         self.reachable = True
         self.backoff = 0.0
         self._cycle_call: Any = None
+        self._fence_call: Any = None
         self._timer_call: Any = None
         self._cycling: Optional[Deferred[None]] = None
         self._again = False
@@ -118,15 +126,15 @@ class WorkerAgent(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        for call in (self._cycle_call, self._timer_call):
+        for call in (self._cycle_call, self._timer_call, self._fence_call):
             if call is not None and call.active():
                 call.cancel()
         return ensureDeferred(self._leave())
 
     async def _leave(self) -> None:
-        """Leave the manager when nothing runs here; with jobs still running the lease runs out
-        instead (they are not stopped: the next start of this daemon does not adopt them)."""
-        if self.session is not None and not self.slots:
+        """Leave the manager: the pulled jobs still running die with this daemon's launchers
+        (they are tied to it), so the manager may give them to another worker at once."""
+        if self.session is not None:
             try:
                 await self._post("leave", {})
             except Exception:
@@ -137,6 +145,20 @@ class WorkerAgent(Service):
         """The periodic cycle: every `heartbeat` seconds, sooner while the manager is unreachable."""
         self._timer_call = self._reactor.callLater(self.backoff or self.heartbeat, self._tick)
         self.poke()
+
+    def _arm_fence(self) -> None:
+        """Unreachable: if it lasts nearly as long as the manager waits before it gives our jobs
+        to another worker, stop them here first, so that no job runs twice at once."""
+        if self._fence_call is not None and self._fence_call.active():
+            return
+        margin = self.kill_grace + self.heartbeat
+        deadline = self.last_contact + max(self.manager_timeout / 2, self.manager_timeout - margin)
+        self._fence_call = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), self._fence)
+
+    def _fence(self) -> None:
+        if not self.reachable:
+            for key in list(self.slots):
+                self._stop(key, FENCED)
 
     def poke(self) -> None:
         """Run a cycle soon; many events in one reactor turn share one."""
@@ -164,20 +186,25 @@ class WorkerAgent(Service):
 
     async def cycle(self) -> None:
         try:
+            # Reports first: they need no session, and registering again would end the leases
+            # they are about.
+            await self._send_reports()
             if self.session is None:
                 await self._register()
             await self._beat()
             if not self.reachable:
                 self.reachable = True
                 self.backoff = 0.0
+                if self._fence_call is not None and self._fence_call.active():
+                    self._fence_call.cancel()
                 log.info("the manager answers again")
                 await self._recheck()
-            await self._send_reports()
             await self._pull()
         except Unreachable as e:
             if self.reachable:
                 log.info("the manager is unreachable ({why}); jobs carry on, reports are kept", why=str(e))
             self.reachable = False
+            self._arm_fence()
             # Retried sooner at first (1 s, 2 s, 4 s...), never less often than the heartbeat, so
             # that a manager back within its timeout still finds this worker online.
             self.backoff = min(self.heartbeat, max(min(1.0, self.heartbeat), self.backoff * 2))
@@ -204,6 +231,7 @@ class WorkerAgent(Service):
             "memory": self.capacity.memory, "system": platform.system(),
         }, session=False)
         self.session = answer["session"]
+        self.manager_timeout = float(answer.get("timeout", self.manager_timeout))
         log.info("registered with the manager as worker {name}", name=self.worker_name)
         await self._recheck()
 
@@ -213,7 +241,9 @@ class WorkerAgent(Service):
         except Exception:
             figures = {}
         running = [key for key, slot in self.slots.items() if slot.run is not None]
+        sent = self._reactor.seconds()
         answer = await self._post("heartbeat", {"running": running, "figures": figures})
+        self.last_contact = sent
         for key in answer.get("stop", []):
             self._stop(key, STOPPED)
         for key, reason in answer.get("kill", {}).items():
@@ -231,7 +261,8 @@ class WorkerAgent(Service):
     async def _send_reports(self) -> None:
         while self.outbox.pending:
             batch = self.outbox.batch()
-            await self._post("reports", {"reports": [report for _, report in batch]})
+            await self._post("reports", {"name": self.worker_name, "reports": [report for _, report in batch]},
+                             session=False)
             await self.outbox.acknowledged([row_id for row_id, _ in batch])
 
     def room(self) -> tuple[float, int, int]:
@@ -241,7 +272,7 @@ class WorkerAgent(Service):
 
     async def _pull(self) -> None:
         cores, memory, slots = self.room()
-        if memory <= 0 or (cores < 0.01 and slots <= 0) or not self.running:
+        if memory <= 0 or (cores < 0.01 and slots <= 0) or not self.running or self.stopping:
             return
         answer = await self._post("pull", {"cores": cores, "memory": memory, "slots": slots})
         pulled = [Slot(payload) for payload in answer["jobs"]]
@@ -280,7 +311,7 @@ class WorkerAgent(Service):
 
     def _start(self, slot: Slot) -> None:
         try:
-            workspace = prepare_workspace(slot.key, slot.spec, make=not getattr(self._spawn, "makes_workspace", False))
+            workspace = prepare_workspace(slot.key, slot.spec, make=not self._makes_workspace)
             run = JobRun(self._reactor, RunFiles(self.run_dir, slot.key, slot.attempt), workspace, slot.spec["cmd"],
                          output_limit=self.output_limit, kill_grace=self.kill_grace, spawn=self._spawn,
                          max_time=slot.max_time, remove_workdir=True)
@@ -302,6 +333,7 @@ class WorkerAgent(Service):
 
     async def _ended(self, slot: Slot, result: RunResult) -> None:
         self._release(slot)
+        self.stopping.discard(slot.key)
         run = slot.run
         if run is not None and run.workspace is not None and run.workspace.tmp:
             if run.workspace.root is None:
@@ -324,6 +356,7 @@ class WorkerAgent(Service):
         if slot.run is None:
             self._release(slot)  # pulled but not started
         else:
+            self.stopping.add(key)
             slot.run.kill(reason)
 
     def _report(self, slot: Slot, event: str, fields: dict[str, Any]) -> None:
