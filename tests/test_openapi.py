@@ -7,9 +7,13 @@ import re
 from openapi_spec_validator import validate
 
 from wmgr.api import openapi
+from wmgr.api.flamenco import FLAMENCO_PATHS, FlamencoAPI
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.root import RootApp
+from wmgr.api.workers import WORKER_PATHS, WorkersAPI
 from wmgr.api.wr import WrAPI
+
+ALL_PATHS = [openapi.WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, openapi.ROOT_PATHS]
 
 
 def served_routes(*apps):
@@ -28,11 +32,11 @@ def documented(doc):
 
 
 def test_document_is_valid_openapi_3():
-    validate(openapi.document([openapi.WR_PATHS, PMAN_PATHS, openapi.ROOT_PATHS]))
+    validate(openapi.document(ALL_PATHS))
 
 
 def test_every_route_is_documented_and_nothing_else():
-    doc = openapi.document([openapi.WR_PATHS, PMAN_PATHS, openapi.ROOT_PATHS])
-    routes = served_routes(WrAPI.app, PmanAPI.app, RootApp.app)
+    doc = openapi.document(ALL_PATHS)
+    routes = served_routes(WrAPI.app, PmanAPI.app, WorkersAPI.app, FlamencoAPI.app, RootApp.app)
     assert routes - documented(doc) == set()
     assert documented(doc) - routes == set()

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
+from wmgr.api.flamenco import FLAMENCO_PATHS, FlamencoAPI
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.root import QuietSite, Root, RootApp
@@ -35,6 +36,7 @@ from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
 from wmgr.store import Store
 from wmgr.files import write_public
+from wmgr.flamenco import Flamenco
 from wmgr.host import host_address, host_name
 from wmgr.tls import ServerTLS
 from wmgr.workers.registry import Workers
@@ -131,6 +133,9 @@ class WmgrService(MultiService):
         self.workers = Workers(self.queue, self._reactor, config.workers_timeout, config.worker_heartbeat,
                                self.bad_servers)
         self.workers.setServiceParent(self)
+        self.flamenco = Flamenco(self.queue, self.workers, self.store)
+        self.flamenco.setServiceParent(self)
+        await self.flamenco.ready
 
         self._add_timer(config.sample_interval, "sample running jobs", self.queue.sample)
         self._add_timer(config.renew_check_interval, "renew the server certificate", self.tls.renew_if_due)
@@ -143,8 +148,9 @@ class WmgrService(MultiService):
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
                                        shutdown=self.shutdown).resource()),
-                    (("worker",), WorkersAPI(self.workers).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, ROOT_PATHS])).app.resource()
+                    (("worker",), WorkersAPI(self.workers).resource()),
+                    (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource())]
+        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback, {"worker": worker_token}))
 
         self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,

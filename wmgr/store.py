@@ -96,6 +96,11 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE worker_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
     """,
+    # 5: Flamenco's tasks (wmgr/flamenco.py): what the server sent and workers reported, as JSON;
+    # their jobs are ordinary jobs.
+    """
+    CREATE TABLE flamenco_tasks (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+    """,
 ]
 
 _STOP = object()

@@ -120,8 +120,13 @@ class WorkersAPI:
         figures = body.get("figures") or {}
         if not isinstance(figures, dict) or len(repr(figures)) > 10_000:
             raise InvalidRequest("figures must be a small JSON object")
+        output = body.get("output") or {}
+        if (not isinstance(output, dict) or len(output) > MAX_ITEMS
+                or not all(isinstance(text, str) and len(text) <= MAX_TEXT for text in output.values())):
+            raise InvalidRequest("output must be an object of job key: text")
+        _keys(list(output), "output")
         return json_response(request, self.workers.beat(name, session, _keys(body.get("running", []), "running"),
-                                                        figures))
+                                                        figures, output))
 
     @app.route("/worker/v1/pull", methods=["POST"])
     def pull(self, request: Any) -> bytes:
@@ -175,8 +180,9 @@ _OBJ = {"type": "object"}
 WORKER_PATHS: dict[str, Any] = {
     "/worker/v1/register": _op("a worker joins: name, ip, cores, memory, system; answers its session",
                                _OBJ, {"type": "object", "properties": {"session": {"type": "string"}}}),
-    "/worker/v1/heartbeat": _op("renews the worker's leases: name, session, running (job keys), figures; "
-                                "answers stop (keys not its own) and kill ({key: reason})", _OBJ, _OBJ),
+    "/worker/v1/heartbeat": _op("renews the worker's leases: name, session, running (job keys), figures, "
+                                "output ({key: new stdout}); answers stop (keys not its own) and kill "
+                                "({key: reason})", _OBJ, _OBJ),
     "/worker/v1/pull": _op("ready jobs that fit the worker's free cores, memory and zero-core slots, "
                            "each under a lease", _OBJ, {"type": "object", "properties": {"jobs": {"type": "array"}}}),
     "/worker/v1/may-run": _op("may I run: jobs as [key, attempt] pairs; answers run and stop lists", _OBJ, _OBJ),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import uuid
 from typing import Any, Callable, Optional
 
 import psutil
@@ -45,6 +46,7 @@ def machine_figures() -> dict[str, Any]:
     """What a heartbeat tells the manager about this machine (psutil: call in a thread)."""
     load = os.getloadavg()
     return {
+        "mac_address": uuid.getnode(),
         "load_average": {"1min": load[0], "5min": load[1], "15min": load[2]},
         "cpu_percent": psutil.cpu_percent(interval=None),
         "mem_percent": psutil.virtual_memory().percent,
@@ -53,6 +55,26 @@ def machine_figures() -> dict[str, Any]:
         "architecture": platform.machine(),
         "system": platform.system(),
     }
+
+
+OUTPUT_TAIL = 4096
+
+
+def new_output(files: list[tuple[str, str, int]]) -> dict[str, tuple[str, int]]:
+    """What each job wrote to its stdout since `seen` bytes, at most the last OUTPUT_TAIL bytes:
+    {key: (text, size now)} (call in a thread)."""
+    found = {}
+    for key, path, seen in files:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size <= seen:
+                    continue
+                f.seek(max(seen, size - OUTPUT_TAIL))
+                found[key] = (f.read(size - max(seen, size - OUTPUT_TAIL)).decode("utf-8", "replace"), size)
+        except OSError:
+            continue
+    return found
 
 
 class Unreachable(Exception):
@@ -71,6 +93,7 @@ class Slot:
         self.max_time: Optional[float] = payload.get("max_time")
         self.memory_limit: Optional[float] = payload.get("memory_limit")
         self.run: Optional[JobRun] = None
+        self.output_seen = 0  # bytes of its stdout already forwarded
 
 
 class WorkerAgent(Service):
@@ -240,9 +263,18 @@ class WorkerAgent(Service):
             figures = await self._in_thread(self._figures)
         except Exception:
             figures = {}
-        running = [key for key, slot in self.slots.items() if slot.run is not None]
+        running = {key: slot for key, slot in self.slots.items() if slot.run is not None}
+        try:
+            tails = await self._in_thread(new_output, [(key, slot.run.files.out, slot.output_seen)  # type: ignore[union-attr]
+                                                       for key, slot in running.items()])
+        except Exception:
+            tails = {}
         sent = self._reactor.seconds()
-        answer = await self._post("heartbeat", {"running": running, "figures": figures})
+        answer = await self._post("heartbeat", {"running": list(running), "figures": figures,
+                                                "output": {key: text for key, (text, _) in tails.items()}})
+        for key, (_, size) in tails.items():
+            if key in running:
+                running[key].output_seen = size
         self.last_contact = sent
         for key in answer.get("stop", []):
             self._stop(key, STOPPED)

@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -57,6 +58,13 @@ class Worker:
     figures: dict[str, Any] = field(default_factory=dict)
     leases: dict[str, "RemoteRun"] = field(default_factory=dict)
     system: str = ""
+    id: int = 0  # a small number for Flamenco's /workers/<id>, kept while the daemon runs
+    # What a Flamenco worker reports about itself (PATCH /workers/<id>).
+    port: int = 0
+    status: Optional[str] = None
+    activity: Optional[str] = None
+    log: Optional[str] = None
+    time_cost: Optional[int] = None
 
 
 class RemoteRun:
@@ -115,6 +123,7 @@ class Workers(Service):
         self.bad_servers = bad_servers
         self._new_session = new_session
         self.workers: dict[str, Worker] = {}
+        self._ids = itertools.count(1)
         # Observers of the output a worker forwards while a job runs: f(job key, text).
         self.output_observers: list[Callable[[str, str], None]] = []
 
@@ -135,7 +144,8 @@ class Workers(Service):
         enabled = old.enabled if old is not None else True
         if old is not None:
             self._lose_leases(old, now)
-        worker = Worker(name, self._new_session(), ip, cores, memory, now, now, enabled=enabled, system=system)
+        worker = Worker(name, self._new_session(), ip, cores, memory, now, now, enabled=enabled, system=system,
+                        id=old.id if old is not None else next(self._ids))
         self.workers[name] = worker
         if self.bad_servers is not None:
             self.bad_servers.recovered(name)
@@ -143,24 +153,56 @@ class Workers(Service):
                  cores=cores, memory=memory)
         return worker
 
+    def announce(self, name: str, ip: str, system: str = "", port: int = 0,
+                 figures: Optional[dict[str, Any]] = None) -> Worker:
+        """A worker says it is there (Flamenco's POST /workers): known from now on, online,
+        without touching the session or leases of a wmgr worker of that name."""
+        now = self._reactor.seconds()
+        worker = self.workers.get(name)
+        if worker is None:
+            worker = self.workers[name] = Worker(name, self._new_session(), ip, 0, 0, now, now, id=next(self._ids))
+        worker.ip, worker.last_seen, worker.port = ip, now, port or worker.port
+        worker.system = system or worker.system
+        if figures:
+            worker.figures = figures
+        self._online(worker)
+        return worker
+
+    def touch(self, worker: Worker) -> None:
+        worker.last_seen = self._reactor.seconds()
+        self._online(worker)
+
+    def _online(self, worker: Worker) -> None:
+        if worker.connection == OFFLINE:
+            worker.connection = ONLINE
+            if self.bad_servers is not None:
+                self.bad_servers.recovered(worker.name)
+            log.info("worker {name} is back online", name=worker.name)
+
+    def by_id(self, worker_id: int) -> Worker:
+        for worker in self.workers.values():
+            if worker.id == worker_id:
+                return worker
+        raise NotFound(f"no worker {worker_id}")
+
     def session_of(self, name: str, session: str) -> Worker:
         worker = self.workers.get(name)
         if worker is None or not secrets.compare_digest(worker.session, session):
             raise Conflict(f"worker {name!r} has no such session: register again")
         return worker
 
-    def beat(self, name: str, session: str, running: Iterable[str], figures: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """A heartbeat: renews the worker's leases. The reply names the jobs it runs that are not
-        its to run (stop them) and those to kill, with the reason."""
+    def beat(self, name: str, session: str, running: Iterable[str], figures: Optional[dict[str, Any]] = None,
+             output: Optional[dict[str, str]] = None) -> dict[str, Any]:
+        """A heartbeat: renews the worker's leases. It may carry the output its jobs wrote since
+        the last one. The reply names the jobs it runs that are not its to run (stop them) and
+        those to kill, with the reason."""
         worker = self.session_of(name, session)
-        worker.last_seen = self._reactor.seconds()
-        if worker.connection == OFFLINE:
-            worker.connection = ONLINE
-            if self.bad_servers is not None:
-                self.bad_servers.recovered(name)
-            log.info("worker {name} is back online", name=name)
+        self.touch(worker)
         if figures:
             worker.figures = figures
+        for key, text in (output or {}).items():
+            if key in worker.leases:
+                self._output(key, text)
         return {"stop": [key for key in running if key not in worker.leases],
                 "kill": {key: run.kill_reason for key, run in worker.leases.items() if run.kill_reason}}
 
@@ -194,9 +236,9 @@ class Workers(Service):
             if event == "start" and job is not None:
                 self.queue.remote_started(job, run, report.get("pid", 0), report.get("started", run.started))
             elif event == "output":
-                for observer in self.output_observers:
-                    observer(report["key"], report.get("text", ""))
+                self._output(report["key"], report.get("text", ""))
             elif event == "end":
+                self._output(report["key"], report.get("stdout", ""))
                 run.end(RunResult(
                     exitcode=report.get("exitcode"), signal=report.get("signal"),
                     started=report.get("started", run.started), ended=report.get("ended", self._reactor.seconds()),
@@ -245,6 +287,13 @@ class Workers(Service):
                 self._lose_leases(worker, now)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _output(self, key: str, text: str) -> None:
+        for observer in self.output_observers:
+            try:
+                observer(key, text)
+            except Exception:
+                log.failure("an output observer failed for job {key}", key=key)
 
     def _lose_leases(self, worker: Worker, now: float) -> None:
         for run in list(worker.leases.values()):
