@@ -70,6 +70,13 @@ async def test_two_workers_run_the_queue_and_one_dies_mid_job(make_daemon: Any, 
         await until(reactor, longs_on_w1, timeout=30)
         w2 = await make_daemon(*worker_args, "--worker-name", "w2", name="w2", config=WORKER_CONFIG)
         await client.add_jobs(shorts)
+        # A Flamenco frame task: one job per chunk of two frames, printing Blender's "Fra:N".
+        f = marks / "frames{frame_start}"
+        render = (f'echo "S $(date +%s.%N)" >> {f}; for n in $(seq {{frame_start}} {{frame_end}}); do echo Fra:$n; '
+                  f'sleep 0.3; done; echo "E $(date +%s.%N)" >> {f}')
+        reply = await client.post("tasks", {"task_id": 7, "type": "frames", "parser": "frames",
+                                            "settings": {"command": render, "frames": "1-6", "chunk_size": 2}})
+        assert reply.code == 202 and reply.json()["frame_end"] == 6, reply
 
         async def some_done_on_w1() -> Any:
             jobs = (await client.get("rest/v1/jobs/short", params={"search": "true"})).json()
@@ -99,13 +106,18 @@ async def test_two_workers_run_the_queue_and_one_dies_mid_job(make_daemon: Any, 
         assert all(job["Attempts"] >= 2 for job in done)
 
         await until(reactor, all_complete, timeout=90)
+        task = (await client.get("tasks/7")).json()
+        assert task["status"] == "completed" and task["frame_current"] == 6, task
+        workers = (await client.get("workers")).json()
+        assert workers["w1"]["connection"] == "offline" and workers["w2"]["connection"] == "online"
         servers = (await client.get("rest/v1/servers/")).json()
         assert [server["Name"] for server in servers] == ["w1"] and servers[0]["IsBad"] is True
 
         # Every job ran to its end; no job ever started again before its earlier run had ended,
         # except a run cut short on w1 (a start without an end, before the kill).
-        for i in range(203):
-            runs = runs_of(marks / f"job{i}")
+        for path in [marks / f"job{i}" for i in range(203)] + [marks / f"frames{n}" for n in (1, 3, 5)]:
+            runs = runs_of(path)
+            i = path.name
             assert runs[-1][0] == "E", (i, runs)
             open_start = None
             for mark, at in runs:
