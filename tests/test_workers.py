@@ -66,6 +66,8 @@ def test_a_pull_hands_out_what_fits_each_job_to_one_worker_under_a_lease(m: Mana
     assert m.pull("b", b) == []
     job = jobs[0]
     assert job.state == model.RESERVED and job.host == "a" and job.host_ip == "10.0.0.1" and job.attempts == 1
+    status = job.status(m.clock.seconds())
+    assert (status["Host"], status["HostIP"], status["HostID"]) == ("a", "10.0.0.1", m.workers.workers["a"].instance)
     assert first[0]["attempt"] == 1 and first[0]["spec"]["cmd"] == "job 0"
     assert isinstance(m.queue.runs[job.key], RemoteRun)
     assert m.workers.counts() == {"online": 2, "offline": 0, "leases": 5}

@@ -44,6 +44,7 @@ from wmgr.workers.registry import Workers
 log = Logger()
 
 URL_FILE = "wmgr.url"
+LISTEN_BACKLOG = 1024
 
 
 def guarded(name: str, body: Callable[[], Any]) -> Callable[[], Deferred[None]]:
@@ -153,11 +154,14 @@ class WmgrService(MultiService):
         fallback = RootApp(document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, ROOT_PATHS])).app.resource()
         site = QuietSite(Root(token, surfaces, fallback, {"worker": worker_token}))
 
-        self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,
+        # A manager with many workers takes many connections at once; with Twisted's default
+        # backlog (50) the kernel drops SYNs beyond it and each client waits a 1 s retransmit.
+        self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls, backlog=LISTEN_BACKLOG,
                                                           interface=config.interface), site)
         if config.http_port is not None:
             plain = TCP6ServerEndpoint if ":" in config.interface else TCP4ServerEndpoint
-            self.http_port = await self._listen(plain(self._reactor, config.http_port, interface=config.interface), site)
+            self.http_port = await self._listen(plain(self._reactor, config.http_port, backlog=LISTEN_BACKLOG,
+                                                      interface=config.interface), site)
 
         self.url = f"https://{url_host(config.interface)}:{self.port}/"
         write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")

@@ -545,7 +545,7 @@ class JobQueue(Service):
             self.counters.started += 1
             job.state = model.RESERVED
             job.attempts += 1
-            job.host, job.host_ip = run.host, run.host_ip
+            job.host, job.host_ip, job.host_id = run.host, run.host_ip, run.host_id
             job.started = self._reactor.seconds()
             self.runs[job.key] = run
             self._follow(job, run)

@@ -59,6 +59,7 @@ class Worker:
     leases: dict[str, "RemoteRun"] = field(default_factory=dict)
     system: str = ""
     id: int = 0  # a small number for Flamenco's /workers/<id>, kept while the daemon runs
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))  # this registration: jobs' HostID
     # What a Flamenco worker reports about itself (PATCH /workers/<id>).
     port: int = 0
     status: Optional[str] = None
@@ -80,7 +81,7 @@ class RemoteRun:
         self.worker = worker
         self.key = job.key
         self.attempt = job.attempts + 1
-        self.host, self.host_ip = worker.name, worker.ip
+        self.host, self.host_ip, self.host_id = worker.name, worker.ip, worker.instance
         self.files = _NoFiles()
         self.started = clock.seconds()
         self.done: Deferred[RunResult] = Deferred()
