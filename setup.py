@@ -27,6 +27,10 @@ setup(
         "psutil>=5.9",
         # wr's job keys are FarmHash Fingerprint128; clients that compute keys must find their jobs.
         "pyfarmhash>=0.3",
+        # /metrics: the reference Prometheus client, so the exposition format (escaping, HELP/TYPE,
+        # histograms) is right by construction; per-daemon registries and custom collectors let the
+        # job counts be read from the domain at scrape time, with no calls on the hot paths.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [
@@ -35,7 +39,12 @@ setup(
             "pytest-timeout>=2.1",
             "openapi-spec-validator>=0.7",
             "pfurl>=2.3",
+            # Property-based fuzzing of every operation of /openapi.json against the real daemon.
+            "schemathesis>=4.0",
         ],
+        # bench/connections.py's baseline: the original connectivity server's stack (Flask under
+        # gunicorn), so that its figures compare against that design in the same run.
+        "bench": ["flask>=2.1", "gunicorn>=20.1"],
     },
     # A flat layout with a top-level twisted/plugins: the default (strict) editable install hides
     # that folder from twistd's plugin scan, so editable installs put the project root on sys.path.

@@ -7,13 +7,16 @@ import re
 from openapi_spec_validator import validate
 
 from wmgr.api import openapi
+from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.flamenco import FLAMENCO_PATHS, FlamencoAPI
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.root import RootApp
+from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
 from wmgr.api.workers import WORKER_PATHS, WorkersAPI
 from wmgr.api.wr import WrAPI
 
-ALL_PATHS = [openapi.WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, openapi.ROOT_PATHS]
+ALL_PATHS = [openapi.WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, CONNECTIONS_PATHS, openapi.ROOT_PATHS,
+             METRICS_PATHS]
 
 
 def served_routes(*apps):
@@ -37,6 +40,7 @@ def test_document_is_valid_openapi_3():
 
 def test_every_route_is_documented_and_nothing_else():
     doc = openapi.document(ALL_PATHS)
-    routes = served_routes(WrAPI.app, PmanAPI.app, WorkersAPI.app, FlamencoAPI.app, RootApp.app)
+    routes = served_routes(WrAPI.app, PmanAPI.app, WorkersAPI.app, FlamencoAPI.app, ConnectionsAPI.app, RootApp.app,
+                           MetricsAPI.app)
     assert routes - documented(doc) == set()
     assert documented(doc) - routes == set()

@@ -103,8 +103,10 @@ class Harness:
         self.queue = self.make_queue()
 
     def make_queue(self) -> JobQueue:
-        return JobQueue(self.store, self.tmp_path / "run", self.clock, self.capacity, self.policy,
-                        spawn=self.spawner, host=("testhost", "10.0.0.7"), in_thread=in_thread_now)
+        queue = JobQueue(self.store, self.tmp_path / "run", self.clock, self.capacity, self.policy,
+                         spawn=self.spawner, host=("testhost", "10.0.0.7"), in_thread=in_thread_now)
+        queue.journal.flush_delay = 0.0  # time here moves only when a test says so
+        return queue
 
     def start(self) -> None:
         self.queue.startService()
@@ -466,3 +468,25 @@ def test_a_jobs_directory_goes_when_it_ends_unless_it_asks_to_keep_it(h: Harness
     h.end("kept")
     assert not os.path.exists(os.path.dirname(plain_dir))
     assert os.path.isdir(kept_dir) and not os.path.exists(os.path.join(os.path.dirname(kept_dir), "tmp"))
+
+
+def test_saves_that_happen_by_themselves_are_written_together(tmp_path: Path) -> None:
+    from wmgr.jobs.journal import Journal
+
+    store = SyncStore(tmp_path / "j.db")
+    writes: list[bool] = []
+    real_write = store.write
+    store.write = lambda operation, durable=True: (writes.append(durable), real_write(operation, durable))[1]
+    clock = Clock()
+    journal = Journal(store, clock)
+    jobs = [Job(f"{i:032x}", {"rep_grp": "g", "memory": 1, "time": 1}, model.READY, i) for i in range(3)]
+    journal.save([jobs[0]])
+    clock.advance(0.002)
+    journal.save([jobs[1]])  # a later reactor turn, within the delay: the same transaction
+    clock.advance(0.002)
+    assert writes == []
+    clock.advance(0.002)
+    assert writes == [False]
+    journal.save([jobs[2]], durable=True)  # a client waits for this one: at the next turn
+    clock.advance(0)
+    assert writes == [False, True]

@@ -273,4 +273,5 @@ async def test_the_store_is_a_service(tmp_path: Any, reactor: Any) -> None:
     assert s.running
     await bounded(s.write(lambda conn: conn.execute("INSERT INTO meta VALUES ('b', '2')")))
     await bounded(s.stopService())
+    s._writer.join(WAIT)  # it fired the Deferred just before it returned
     assert not s.running and not s._writer.is_alive()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -39,6 +40,36 @@ def _memory_mb(text: str) -> Optional[int]:
     from wmgr.jobs.model import parse_memory
 
     return parse_memory(text)
+
+
+_SIZE = re.compile(r"^(\d{1,15})\s*([KMGT]?)B?$", re.IGNORECASE)
+
+
+def _size(text: str) -> int:
+    """'4096', '512K', '16M', '4G' -> bytes (binary units)."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a size such as 512K, 16M or 4G: {text!r}")
+    return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
+
+
+def _body_limits(text: str) -> list[tuple[str, int]]:
+    """'/=1M /rest/v1/upload/=4G' -> [('/', 1048576), ('/rest/v1/upload/', 4294967296)]."""
+    limits = []
+    for item in _names(text):
+        prefix, sep, size = item.rpartition("=")
+        if not sep or not prefix.startswith("/"):
+            raise ValueError(f"each body limit is PATH_PREFIX=SIZE, such as /rest/v1/upload/=4G, not {item!r}")
+        limits.append((prefix, _size(size)))
+    if not any(prefix == "/" for prefix, _ in limits):
+        raise ValueError("the body limits need one for / (every other path)")
+    return limits
+
+
+# The connection routes check their own, smaller limit ([connections] max_body: a 400, as DUNE
+# clients expect); these let such bodies through to that check.
+DEFAULT_BODY_LIMITS = ("/=1M /rest/v1/jobs/=256M /rest/v1/upload/=4G /api/v1/=16M "
+                       "/publish=16M /getconnection/=16M /retract=16M /retract-partition=16M /worker/=64M")
 
 
 def _data_dir(text: str) -> Path:
@@ -79,6 +110,15 @@ class Config:
     upload_roots: list[str] = field(default_factory=lambda: ["~", "/tmp"],
                                     metadata={"ini": ("upload", "roots", _names)})
     pman_allow_quit: bool = field(default=False, metadata={"ini": ("pman", "allow_quit", _boolean)})
+    header_timeout: float = field(default=10.0, metadata={"ini": ("http", "header_timeout", float)})
+    body_limits: list[tuple[str, int]] = field(default_factory=lambda: _body_limits(DEFAULT_BODY_LIMITS),
+                                               metadata={"ini": ("http", "body_limits", _body_limits)})
+    metrics_open: bool = field(default=False, metadata={"ini": ("metrics", "open", _boolean)})
+    connections_ttl: float = field(default=10.0, metadata={"ini": ("connections", "ttl", float)})
+    connections_match: str = field(default="fullmatch", metadata={"ini": ("connections", "match", str)})
+    connections_open: bool = field(default=False, metadata={"ini": ("connections", "open", _boolean)})
+    connections_max_body: int = field(default=8 << 20, metadata={"ini": ("connections", "max_body", int)})
+    connections_max_regex: int = field(default=1024, metadata={"ini": ("connections", "max_regex", int)})
     # The manager's side of the worker protocol.
     workers_timeout: float = field(default=60.0, metadata={"ini": ("workers", "timeout", float)})
     workers_check_interval: float = field(default=5.0, metadata={"ini": ("workers", "check_interval", float)})
@@ -148,3 +188,9 @@ class Config:
                 raise InvalidRequest(f"--worker-name {self.worker_name!r} must be printable, without / or spaces")
         if self.history_max_age < 0 or self.history_max_count < 0 or self.prune_interval <= 0:
             raise InvalidRequest("history max_age and max_count must be >= 0, prune_interval > 0")
+        if not 0 < self.header_timeout <= 3600:
+            raise InvalidRequest("header_timeout must be more than 0 and at most 3600 seconds")
+        if self.connections_ttl <= 0 or self.connections_max_body <= 0 or self.connections_max_regex <= 0:
+            raise InvalidRequest("[connections] ttl, max_body and max_regex must be > 0")
+        if self.connections_match not in ("fullmatch", "search"):
+            raise InvalidRequest("[connections] match must be fullmatch or search")

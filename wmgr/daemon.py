@@ -23,17 +23,23 @@ from twisted.logger import Logger
 
 from wmgr.api.flamenco import FLAMENCO_PATHS, FlamencoAPI
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
+from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
+from wmgr.api.connections import SEGMENTS as CONNECTION_SEGMENTS
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
-from wmgr.api.root import QuietSite, Root, RootApp
+from wmgr.api.channel import BodyLimits, WmgrSite
+from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
+from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.workers import WORKER_PATHS, WorkersAPI
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, WORKER_TOKEN_FILE, ensure_token
 from wmgr.config import Config
+from wmgr.connections.service import ConnectionService
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
+from wmgr.metrics import Metrics
 from wmgr.store import Store
 from wmgr.files import write_public
 from wmgr.flamenco import Flamenco
@@ -93,6 +99,7 @@ class WmgrService(MultiService):
         self.workers: Optional[Workers] = None
         self.agent: Any = None
         self._started: Optional[Deferred[None]] = None
+        self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
 
@@ -107,6 +114,7 @@ class WmgrService(MultiService):
 
     def _failed_to_start(self, failure: Any) -> None:
         log.failure("wmgr could not start", failure)
+        self.start_failure = failure
         if self._reactor.running:
             self._reactor.stop()
         else:
@@ -146,13 +154,29 @@ class WmgrService(MultiService):
             await self._become_worker()
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
+        openapi = document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, CONNECTIONS_PATHS, ROOT_PATHS,
+                            METRICS_PATHS])
+        self.metrics = Metrics(openapi["paths"])
+        self.metrics.watch(self.queue, self.launcher, self.store)
+        self.metrics.watch_workers(self.workers)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
                                        shutdown=self.shutdown).resource()),
                     (("worker",), WorkersAPI(self.workers).resource()),
-                    (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource())]
-        fallback = RootApp(document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, ROOT_PATHS])).app.resource()
-        site = QuietSite(Root(token, surfaces, fallback, {"worker": worker_token}))
+                    (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource()),
+                    Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
+        connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)
+        await connections.load()
+        connections.setServiceParent(self)
+        self.metrics.watch_connections(connections)
+        surfaces.append(Surface(CONNECTION_SEGMENTS, ConnectionsAPI(
+            connections, config.connections_open, config.connections_max_body, config.connections_max_regex,
+        ).resource(), own_auth=True, quiet=True))
+        if config.connections_open:
+            log.warn("[connections] open = true: the connection registry's routes answer without a token")
+        fallback = RootApp(openapi).app.resource()
+        site = WmgrSite(Root(token, surfaces, fallback, {"worker": worker_token}), BodyLimits(config.body_limits),
+                        config.header_timeout, observe=self.metrics.observe_request, reactor=self._reactor)
 
         # A manager with many workers takes many connections at once; with Twisted's default
         # backlog (50) the kernel drops SYNs beyond it and each client waits a 1 s retransmit.

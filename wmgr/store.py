@@ -91,12 +91,29 @@ MIGRATIONS: list[str] = [
     DROP INDEX jobs_state;
     CREATE INDEX jobs_completed ON jobs (updated, seq) WHERE state = 'complete';
     """,
-    # 4: a worker's reports to its manager (starts, ends) kept until the manager acknowledges them,
+    # 4: the connection registry (wmgr/connections/journal.py). Entries expire ttl seconds after
+    # `published`; partitions are listed apart so that an empty one survives a restart too.
+    # One B-tree per entry and no index on `published`: a publish then changes one page, and only
+    # the purge, in the writer thread every few seconds, scans.
+    """
+    CREATE TABLE conn_partitions (name TEXT PRIMARY KEY);
+    CREATE TABLE conn_entries (
+        partition       TEXT NOT NULL,
+        uid             TEXT NOT NULL,
+        uri             TEXT NOT NULL,
+        data_type       TEXT NOT NULL,
+        connection_type TEXT NOT NULL,
+        published       REAL NOT NULL,
+        seq             INTEGER NOT NULL,
+        PRIMARY KEY (partition, uid)
+    ) WITHOUT ROWID;
+    """,
+    # 5: a worker's reports to its manager (starts, ends) kept until the manager acknowledges them,
     # so that none is lost while the manager is unreachable (wmgr/workers/outbox.py).
     """
     CREATE TABLE worker_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
     """,
-    # 5: Flamenco's tasks (wmgr/flamenco.py): what the server sent and workers reported, as JSON;
+    # 6: Flamenco's tasks (wmgr/flamenco.py): what the server sent and workers reported, as JSON;
     # their jobs are ordinary jobs.
     """
     CREATE TABLE flamenco_tasks (id INTEGER PRIMARY KEY, body TEXT NOT NULL);

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import sys
 from typing import Any, Optional
 
 from twisted.application.service import IService
@@ -63,4 +67,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = default_reactor
     from wmgr.daemon import WmgrService
 
-    return WmgrService(options.config, reactor)
+    service = WmgrService(options.config, reactor)
+    atexit.register(exit_status, service)
+    return service
+
+
+def exit_status(service: Any) -> None:
+    """Make a failed start (port taken, data directory unusable...) exit 1.
+
+    The start is asynchronous (it awaits the store before it listens), so its failure can only
+    stop the reactor; twistd then returns normally and has no way to be told an exit status (its
+    only channel is the signal that stopped the reactor). This runs at interpreter exit, after
+    twistd has stopped logging and removed its pid file, and ends the process with status 1 when
+    the start failed; a daemon that started and stopped keeps its normal exit."""
+    if getattr(service, "start_failure", None) is None:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(1)

@@ -34,6 +34,11 @@ log = Logger()
 CA_DAYS = 3650
 SERVER_DAYS = 397  # the longest validity browsers still accept for a leaf certificate
 RENEW_BEFORE = datetime.timedelta(days=30)
+# TLS 1.2 offers forward-secret AEAD suites only (no CBC, no SHA-1 MACs, no static RSA key
+# exchange); TLS 1.3's suites are all of that kind and are left as OpenSSL has them.
+TLS12_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+    "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305")
 
 
 def _now() -> datetime.datetime:
@@ -179,6 +184,8 @@ class ServerTLS:
                 privateKey=crypto.PKey.from_cryptography_key(key),
                 certificate=crypto.X509.from_cryptography(cert),
                 extraCertChain=[crypto.X509.from_cryptography(self.ca.cert)],
+                acceptableCiphers=TLS12_CIPHERS,
+                raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             )
         return made
 

@@ -228,3 +228,25 @@ def test_bad_configuration_is_a_usage_error(tmp_path):
                             capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
     assert result.returncode != 0
     assert "no_such_option" in result.stdout + result.stderr
+
+
+def _start_fails(command: list[str], cwd: str) -> tuple[int, str]:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_on_a_taken_port_exits_non_zero(daemon, tmp_path):
+    code, log = _start_fails(twistd_command() + ["-n", "--pidfile=", "wmgr", "--data-dir", str(tmp_path / "other"),
+                                                 "--port", daemon.url.rsplit(":", 1)[1].strip("/")], str(tmp_path))
+    assert code == 1, log
+    assert "could not start" in log
+
+
+def test_a_start_with_an_unusable_data_dir_exits_non_zero(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    data_dir = str(tmp_path / "file" / "data")
+    code, log = _start_fails(twistd_command() + ["-n", "--pidfile=", "wmgr", "--data-dir", data_dir, "--port", "0"],
+                             str(tmp_path))
+    assert code == 1, log
+    assert "could not start" in log

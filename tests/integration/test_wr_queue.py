@@ -306,7 +306,7 @@ async def test_upload_paths(make_daemon, reactor, tmp_path):
 async def test_warnings_are_removed_once_read_and_servers(make_daemon, reactor):
     daemon = await make_daemon(config=FAST)
     async with daemon.client(reactor) as client:
-        await client.add_jobs([{"cmd": "true huge", "cpus": 100000, "rep_grp": "huge"}])
+        await client.add_jobs([{"cmd": "true huge", "cpus": 4096, "rep_grp": "huge"}])
         [job] = await until(reactor, lambda: _state(client, "huge", "buried"))
         assert job["FailReason"] == "resource requirements cannot be met"
         warnings = (await client.get("rest/v1/warnings/")).json()

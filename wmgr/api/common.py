@@ -11,6 +11,7 @@ import json
 from typing import Any, Callable
 
 from klein import Klein
+from twisted.web.http import parse_qs
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as RouteNotFound
 
@@ -43,19 +44,33 @@ def raw_json_response(request: Any, body: bytes, code: int = 200) -> bytes:
 
 def read_json(request: Any, what: str = "body") -> Any:
     data = request.content.read()
+    return parse_json(data, what)
+
+
+def parse_json(data: bytes | str, what: str = "body") -> Any:
     try:
         return json.loads(data)
     except ValueError as e:
         raise InvalidRequest(f"the {what} is not valid JSON: {e}") from None
+    except RecursionError:  # arrays nested thousands deep: valid JSON, but no job or command
+        raise InvalidRequest(f"the {what} is nested too deeply") from None
+
+
+def url_query(request: Any) -> dict[str, list[str]]:
+    """The URL's own query string (never the fields of a form-encoded body, which request.args
+    also holds), names and values %-decoded as bytes and then read as UTF-8; bytes that are not
+    UTF-8 become U+FFFD, so no query string can make a handler fail on its encoding. Root reads
+    the token from this too: `?%74oken=` is the token for every reader alike."""
+    _, _, raw = request.uri.partition(b"?")
+    return {
+        name.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]
+        for name, values in parse_qs(raw, keep_blank_values=True).items()
+    }
 
 
 def query(request: Any) -> dict[str, str]:
     """Query parameters as text, the first value of each."""
-    return {
-        name.decode("utf-8", "replace"): values[0].decode("utf-8", "replace")
-        for name, values in (request.args or {}).items()
-        if values
-    }
+    return {name: values[0] for name, values in url_query(request).items() if values}
 
 
 def flag(params: dict[str, str], name: str) -> bool:

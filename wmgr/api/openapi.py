@@ -122,7 +122,7 @@ WR_PATHS["/rest/v1/jobs/{ids}"]["patch"] = {
     "summary": "change properties of queued jobs: priority, retries, memory, time, cpus, disk, override, "
                "limit_grps, env, rep_grp, req_grp, behaviours, change_home (beyond wr's REST)",
     "parameters": [_IDS, query_param("search", "match rep groups by substring", {"type": "boolean"})],
-    "requestBody": {"required": True, "content": json_content(_ref("JobDefinition"))},
+    "requestBody": {"required": True, "content": json_content(_ref("JobChanges"))},
     "responses": {"200": _JOBS_ONLY, "400": ERROR, "401": ERROR},
 }
 
@@ -132,7 +132,15 @@ ROOT_PATHS: dict[str, Any] = {
 }
 
 _STRINGS = {"type": "array", "items": {"type": "string"}, "nullable": True}
-_BEHAVIOURS = {"type": "array", "items": {"type": "object"}}
+# Text that may reach exec or the file system: no NUL (nor lone surrogates, which JSON Schema
+# cannot say).
+_TEXT = {"type": "string", "pattern": r"^[^\x00]*$"}
+_TEXTS = {"type": "array", "items": _TEXT, "nullable": True}
+_COMMAND_TEXT = {"type": "string", "pattern": r"^[^\x00]*[^\x00\s][^\x00]*$", "description": "not blank"}
+_BEHAVIOURS = {"type": "array", "nullable": True, "items": {"oneOf": [
+    {"type": "object", "required": [kind], "additionalProperties": False, "properties": {kind: {"type": "boolean"}}}
+    for kind in ("cleanup", "cleanup_all", "remove", "nothing")] + [
+    {"type": "object", "required": ["run"], "additionalProperties": False, "properties": {"run": _TEXT}}]}}
 
 SCHEMAS: dict[str, Any] = {
     "Warning": {"type": "object", "properties": {
@@ -146,23 +154,44 @@ SCHEMAS: dict[str, Any] = {
         name: {"type": "integer"} if name == "PID" else {"type": "string"}
         for name in ("Addr", "Host", "Port", "WebPort", "PID", "Deployment", "Scheduler", "Mode")}},
     "JobDefinition": {"type": "object", "required": ["cmd"], "properties": {
-        "cmd": {"type": "string"}, "cwd": {"type": "string"}, "cwd_matters": {"type": "boolean"},
-        "change_home": {"type": "boolean"}, "rep_grp": {"type": "string"}, "req_grp": {"type": "string"},
-        "memory": {"type": "string", "example": "5M"}, "time": {"type": "string", "example": "1h30m"},
-        "cpus": {"type": "number", "minimum": 0}, "disk": {"type": "integer", "minimum": 0},
+        "cmd": _COMMAND_TEXT, "cwd": {"type": "string", "pattern": r"^/[^\x00]*$"},
+        "cwd_matters": {"type": "boolean"},
+        "change_home": {"type": "boolean"}, "rep_grp": _TEXT, "req_grp": _TEXT,
+        "memory": {"type": "string", "example": "5M", "pattern": r"^[0-9]{1,8}(\.[0-9]{1,3})?[KMGkmg]B?$",
+                   "description": "at most 64T"},
+        "time": {"type": "string", "example": "1h30m", "pattern": r"^([0-9]{1,4}(h|m|s|ms))+$",
+                 "description": "a Go duration of at most 8784h"},
+        "cpus": {"type": "number", "minimum": 0, "maximum": 4096},
+        "disk": {"type": "integer", "minimum": 0, "maximum": 1024 ** 2, "description": "GB"},
         "override": {"type": "integer", "minimum": 0, "maximum": 2},
         "priority": {"type": "integer", "minimum": 0, "maximum": 255},
         "retries": {"type": "integer", "minimum": 0, "maximum": 255},
-        "dep_grps": _STRINGS, "deps": _STRINGS, "limit_grps": _STRINGS, "env": _STRINGS,
+        "dep_grps": _TEXTS, "deps": _TEXTS,
+        "limit_grps": {"type": "array", "nullable": True, "items": {
+            "type": "string", "pattern": r"^[^:\s]+(:[0-9]{1,6})?$",
+            "description": "a group name, optionally :N (0 to 1000000 running at once)"}},
+        "env": {"type": "array", "nullable": True,
+                "items": {"type": "string", "pattern": r"^[^=\x00][^=\x00]*=[^\x00]*$"}},
         "on_failure": _BEHAVIOURS, "on_success": _BEHAVIOURS, "on_exit": _BEHAVIOURS,
-        "mounts": {"type": "array", "items": {"type": "object"}}, "monitor_docker": {"type": "string"},
-        "with_docker": {"type": "string"}, "with_singularity": {"type": "string"},
-        "container_mounts": {"type": "string"}, "rerun": {"type": "boolean"},
-        "cloud_os": {"type": "string"}, "cloud_username": {"type": "string"}, "cloud_flavor": {"type": "string"},
-        "cloud_script": {"type": "string"}, "cloud_config_files": {"type": "string"},
-        "cloud_ram": {"type": "integer"}}},
+        "mounts": {"type": "array", "maxItems": 0, "description": "not supported: must be empty"},
+        "monitor_docker": _TEXT,
+        "with_docker": {"type": "string", "maxLength": 0, "description": "not supported: must be empty"},
+        "with_singularity": {"type": "string", "maxLength": 0, "description": "not supported: must be empty"},
+        "container_mounts": _TEXT, "rerun": {"type": "boolean"},
+        "cloud_os": _TEXT, "cloud_username": _TEXT, "cloud_flavor": _TEXT,
+        "cloud_script": _TEXT, "cloud_config_files": _TEXT,
+        "cloud_ram": {"type": "integer", "minimum": 0, "maximum": 64 * 1024 ** 2}},
+        "additionalProperties": False},
     "JobStatus": JOB_STATUS_SCHEMA,
 }
+
+
+# What PATCH may change (the job queue's MODIFIABLE): cmd and cwd make a job's key, so they are not.
+SCHEMAS["JobChanges"] = {
+    "type": "object", "minProperties": 1, "additionalProperties": False,
+    "properties": {name: SCHEMAS["JobDefinition"]["properties"][name] for name in (
+        "priority", "retries", "memory", "time", "cpus", "disk", "override", "limit_grps", "env", "rep_grp",
+        "req_grp", "on_failure", "on_success", "on_exit", "change_home")}}
 
 
 def document(path_sets: Iterable[Mapping[str, Any]], schemas: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:

@@ -12,8 +12,9 @@ Content-Type says.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable, Optional
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from klein import Klein
 from twisted.logger import Logger
@@ -117,6 +118,8 @@ def parse_payload(raw: str) -> tuple[Optional[dict[str, Any]], str]:
         body = json.loads(raw)
     except ValueError as e:
         raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
     shape = 'the body must be {"payload": {"action": ..., "meta": {...}}}'
     if not isinstance(body, dict):
         return None, shape
@@ -126,7 +129,7 @@ def parse_payload(raw: str) -> tuple[Optional[dict[str, Any]], str]:
         if isinstance(payload, str):
             try:
                 payload = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None, shape + "; payload is a string that is not JSON"
     elif "action" in body:
         # Without pfurl's --jsonwrapper the payload comes unwrapped: take it as it is.
@@ -182,8 +185,13 @@ def _redacted_uri(uri: str) -> str:
     path, sep, query = uri.partition("?")
     if not sep:
         return uri
-    parts = ["token=<not echoed>" if part.split("=", 1)[0] == "token" else part for part in query.split("&")]
-    return path + "?" + "&".join(parts)
+    # Split and decode names as Root's token check does (twisted.web.http.parse_qs: `&` and `;`
+    # separate, `%74oken` and `t%6Fken` are `token`), so whatever authenticated is never shown.
+    parts = re.split(r"([&;])", query)
+    for i in range(0, len(parts), 2):
+        if unquote_plus(parts[i].split("=", 1)[0]) == "token":
+            parts[i] = "token=<not echoed>"
+    return path + "?" + "".join(parts)
 
 
 # -- the OpenAPI description -----------------------------------------------------------------------

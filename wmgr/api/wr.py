@@ -149,7 +149,7 @@ class WrAPI:
     @app.route("/rest/v1/upload/", methods=["PUT"], strict_slashes=False)
     async def upload(self, request: Any) -> bytes:
         path = query(request).get("path")
-        saved = await self.uploads.save(path, request.content.read())
+        saved = await self.uploads.save(path, request.content)
         return json_response(request, {"path": saved})
 
     @app.route("/rest/v1/warnings/", methods=["GET"], strict_slashes=False)

@@ -11,7 +11,8 @@ from typing import Iterable, Optional
 
 from wmgr.errors import InvalidRequest
 
-_GROUP = re.compile(r"^([^:\s]+)(?::(\d+))?$")
+_GROUP = re.compile(r"^([^:\s]+)(?::(\d{1,7}))?$")
+MAX_LIMIT = 1_000_000
 
 
 def parse_limit_groups(entries: Iterable[str]) -> tuple[list[str], dict[str, int]]:
@@ -20,8 +21,10 @@ def parse_limit_groups(entries: Iterable[str]) -> tuple[list[str], dict[str, int
     limits: dict[str, int] = {}
     for entry in entries:
         match = _GROUP.match(entry.strip())
-        if not match:
-            raise InvalidRequest(f"limit group {entry!r} must be a name, optionally followed by :N")
+        if not match or (match.group(2) is not None and int(match.group(2)) > MAX_LIMIT):
+            shown = repr(entry[:80]).encode("utf-8", "backslashreplace").decode("utf-8")
+            raise InvalidRequest(f"limit group {shown} must be a name, optionally followed by :N "
+                                 f"(N from 0 to {MAX_LIMIT})")
         names.append(match.group(1))
         if match.group(2) is not None:
             limits[match.group(1)] = int(match.group(2))

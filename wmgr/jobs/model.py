@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 import farmhash
 
 from wmgr.errors import InvalidRequest
+from wmgr.jobs.limits import parse_limit_groups
 
 # -- states ----------------------------------------------------------------------------------------
 
@@ -57,6 +58,19 @@ DEFAULT_CWD = "/tmp"
 DEFAULT_MEMORY_MB = 1000
 DEFAULT_TIME_S = 3600.0
 
+# -- bounds: the largest value each number may have (the README lists them) ---------------------
+#
+# Each is far beyond any machine this runs on, yet small enough that every value stays finite and
+# exact in JSON, SQLite (int64) and float arithmetic: a job can never store Infinity or 1e29 MB.
+
+MAX_MEMORY_MB = 64 * 1024**2  # 64 TiB
+MAX_TIME_S = 366 * 86400.0  # a year
+MAX_CPUS = 4096
+MAX_DISK_GB = 1024**2  # 1 PiB
+# A limit group's count (name:N) is at most limits.MAX_LIMIT.
+MAX_TEXT = 1 << 20  # characters of one string property (cmd, cwd, an env entry...)
+MAX_ITEMS = 100_000  # entries of one array property (deps, env...)
+
 # -- value parsers ---------------------------------------------------------------------------------
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP])B?\s*$", re.IGNORECASE)
@@ -67,15 +81,19 @@ _DURATION_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 6
 
 def parse_memory(value: Any) -> int:
     """'5M', '3G', '512K' -> whole megabytes (binary units, as wr). A bare number is refused."""
-    match = _MEMORY.match(value) if isinstance(value, str) else None
+    match = _MEMORY.match(value) if isinstance(value, str) and len(value) <= 64 else None
     if not match:
-        raise InvalidRequest(f"memory {value!r} is not a number followed by a unit such as 5M or 3G")
-    return max(1, math.ceil(float(match.group(1)) * _MEMORY_MB[match.group(2).upper()]))
+        raise InvalidRequest(f"memory {_shown(value)} is not a number followed by a unit such as 5M or 3G")
+    megabytes = float(match.group(1)) * _MEMORY_MB[match.group(2).upper()]
+    if not megabytes <= MAX_MEMORY_MB:  # also catches inf (a number of 400 digits)
+        raise InvalidRequest(
+            f"memory {_shown(value)} is more than the most a job may ask for ({MAX_MEMORY_MB // 1024**2}T)")
+    return max(1, math.ceil(megabytes))
 
 
 def parse_duration(value: Any) -> float:
-    """A Go duration ('5s', '30m', '1h30m', '1.5h', '0') -> seconds."""
-    if isinstance(value, str):
+    """A Go duration ('5s', '30m', '1h30m', '1.5h', '0') -> seconds, at most MAX_TIME_S."""
+    if isinstance(value, str) and len(value) <= 64:
         text = value.strip()
         if text == "0":
             return 0.0
@@ -87,30 +105,41 @@ def parse_duration(value: Any) -> float:
             position = part.end()
         else:
             if position == len(text) and position:
+                if not total <= MAX_TIME_S:  # also catches inf
+                    raise InvalidRequest(f"time {_shown(value)} is longer than the most a job may ask for (8784h)")
                 return total
-    raise InvalidRequest(f"time {value!r} is not a duration such as 5s, 30m or 1h30m")
+    raise InvalidRequest(f"time {_shown(value)} is not a duration such as 5s, 30m or 1h30m")
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: repr, cut short (a reply must not echo megabytes),
+    and with lone surrogates escaped so that the message itself is valid text."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _int_in(name: str, low: int, high: int) -> Any:
     def parse(value: Any) -> int:
-        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        if isinstance(value, str) and len(value) <= 32 and re.fullmatch(r"\s*-?\d+\s*", value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise InvalidRequest(f"{name} must be a whole number from {low} to {high}, not {value!r}")
+            raise InvalidRequest(f"{name} must be a whole number from {low} to {high}, not {_shown(value)}")
         return value
 
     return parse
 
 
-def _number(name: str) -> Any:
+def _number(name: str, high: float) -> Any:
     def parse(value: Any) -> float:
-        if isinstance(value, str):
+        if isinstance(value, str) and len(value) <= 32:
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
-            raise InvalidRequest(f"{name} must be a number of at least 0, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            raise InvalidRequest(f"{name} must be a number from 0 to {high}, not {_shown(value)}")
         return value
 
     return parse
@@ -122,22 +151,31 @@ def _boolean(name: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no", ""):
             return value.lower() in ("true", "1", "yes")
-        raise InvalidRequest(f"{name} must be true or false, not {value!r}")
+        raise InvalidRequest(f"{name} must be true or false, not {_shown(value)}")
 
     return parse
+
+
+def check_text(name: str, value: str) -> str:
+    """Text that may reach exec, the environment, a file name or the store: no NUL (exec and the
+    file system would cut it or fail), no lone surrogate ("\\ud800" is valid JSON but cannot be
+    encoded, so it would fail wherever the text is written), and of a sane length."""
+    if "\x00" in value:
+        raise InvalidRequest(f"{name} must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+    if len(value) > MAX_TEXT:
+        raise InvalidRequest(f"{name} is longer than {MAX_TEXT} characters")
+    return value
 
 
 def _text(name: str) -> Any:
     def parse(value: Any) -> str:
         if not isinstance(value, str):
-            raise InvalidRequest(f"{name} must be a string, not {value!r}")
-        if "\x00" in value:
-            raise InvalidRequest(f"{name} must not contain a NUL character")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but no text
-            raise InvalidRequest(f"{name} is not valid Unicode text") from None
-        return value
+            raise InvalidRequest(f"{name} must be a string, not {_shown(value)}")
+        return check_text(name, value)
 
     return parse
 
@@ -149,7 +187,24 @@ def _strings(name: str) -> Any:
         if isinstance(value, str):
             value = [item for item in value.split(",") if item]
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise InvalidRequest(f"{name} must be an array of strings, not {value!r}")
+            raise InvalidRequest(f"{name} must be an array of strings, not {_shown(value)}")
+        if len(value) > MAX_ITEMS:
+            raise InvalidRequest(f"{name} has more than {MAX_ITEMS} entries")
+        for item in value:
+            check_text(f"each of {name}", item)
+        return value
+
+    return parse
+
+
+def _limit_groups(name: str) -> Any:
+    """Limit groups as _strings, each `name` or `name:N` with N within MAX_LIMIT (checked here,
+    where a bad one refuses the whole request before anything is queued)."""
+    strings = _strings(name)
+
+    def parse(value: Any) -> list[str]:
+        value = strings(value)
+        parse_limit_groups(value)
         return value
 
     return parse
@@ -171,11 +226,13 @@ def _behaviours(name: str) -> Any:
             if not isinstance(behaviour, dict) or len(behaviour) != 1:
                 raise InvalidRequest(
                     f"each {name} behaviour must be one of {{\"cleanup\":true}}, "
-                    f"{{\"cleanup_all\":true}} or {{\"run\":\"command\"}}, not {behaviour!r}"
+                    f"{{\"cleanup_all\":true}} or {{\"run\":\"command\"}}, not {_shown(behaviour)}"
                 )
             ((kind, argument),) = behaviour.items()
             if kind not in _BEHAVIOUR_KINDS or not isinstance(argument, _BEHAVIOUR_KINDS[kind]):
-                raise InvalidRequest(f"{name} behaviour {behaviour!r} is not one this manager knows")
+                raise InvalidRequest(f"{name} behaviour {_shown(behaviour)} is not one this manager knows")
+            if isinstance(argument, str):  # a command to run: it reaches exec
+                check_text(f"{name} {kind}", argument)
         return value
 
     return parse
@@ -186,8 +243,8 @@ def _json_value(name: str, value: Any) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value) if value.strip() else None
-        except ValueError:
-            raise InvalidRequest(f"{name} must be JSON, not {value!r}") from None
+        except (ValueError, RecursionError):
+            raise InvalidRequest(f"{name} must be JSON, not {_shown(value)}") from None
     return value
 
 
@@ -222,14 +279,14 @@ PARSERS: dict[str, Any] = {
     "req_grp": _text("req_grp"),
     "memory": parse_memory,
     "time": parse_duration,
-    "cpus": _number("cpus"),
-    "disk": _int_in("disk", 0, 1 << 30),
+    "cpus": _number("cpus", MAX_CPUS),
+    "disk": _int_in("disk", 0, MAX_DISK_GB),
     "override": _int_in("override", 0, 2),
     "priority": _int_in("priority", 0, 255),
     "retries": _int_in("retries", 0, 255),
     "dep_grps": _strings("dep_grps"),
     "deps": _strings("deps"),
-    "limit_grps": _strings("limit_grps"),
+    "limit_grps": _limit_groups("limit_grps"),
     "env": _strings("env"),
     "on_failure": _behaviours("on_failure"),
     "on_success": _behaviours("on_success"),
@@ -245,7 +302,7 @@ PARSERS: dict[str, Any] = {
     "cloud_flavor": _text("cloud_flavor"),
     "cloud_script": _text("cloud_script"),
     "cloud_config_files": _text("cloud_config_files"),
-    "cloud_ram": _int_in("cloud_ram", 0, 1 << 30),
+    "cloud_ram": _int_in("cloud_ram", 0, MAX_MEMORY_MB),
 }
 # Beyond wr's properties, a job made by another of wmgr's APIs (pman, tasks) carries `labels`: a
 # JSON object that API keeps its own facts in (a pman job's root name, jid, auid...). They are
@@ -373,8 +430,11 @@ class Job:
         self.stdout = ""
         self.stderr = ""
         # What the scheduler reserves: the requested values, or learned ones (see learning.py).
-        self.expected_ram: int = spec["memory"]
-        self.expected_time: float = spec["time"]
+        # Bounded again here: a store written before the bounds may hold 1e29 MB or Infinity,
+        # which would make every listing that shows the job invalid JSON (NaN fails both tests).
+        ram, seconds = spec["memory"], spec["time"]
+        self.expected_ram: int = ram if ram <= MAX_MEMORY_MB else MAX_MEMORY_MB
+        self.expected_time: float = seconds if seconds <= MAX_TIME_S else MAX_TIME_S
         # (rep group, state, exit code, fail reason) as last written: the store's counters move
         # from this to the new values with every write.
         self.stored: Optional[tuple[str, str, int, str]] = None
