@@ -254,7 +254,8 @@ def _op(summary: str, code: str = "200", body: bool = False, params: tuple[str, 
         op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}},
                                          "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}}
     if params:
-        op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
+        op["parameters"] = [{"name": p, "in": "path", "required": True,
+                             "schema": {"type": "string", "pattern": "^[0-9]{1,10}$"}} for p in params]
     return op
 
 

@@ -176,16 +176,43 @@ def _op(summary: str, request_schema: dict[str, Any], reply_schema: dict[str, An
     }}
 
 
+def _body(required: tuple[str, ...], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+_NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME}
+_SESSION = {"type": "string", "minLength": 1, "maxLength": 64}
+_KEYS = {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+_ROOM = {"type": "number", "minimum": 0}
 _OBJ = {"type": "object"}
 WORKER_PATHS: dict[str, Any] = {
-    "/worker/v1/register": _op("a worker joins: name, ip, cores, memory, system; answers its session",
-                               _OBJ, {"type": "object", "properties": {"session": {"type": "string"}}}),
-    "/worker/v1/heartbeat": _op("renews the worker's leases: name, session, running (job keys), figures, "
-                                "output ({key: new stdout}); answers stop (keys not its own) and kill "
-                                "({key: reason})", _OBJ, _OBJ),
-    "/worker/v1/pull": _op("ready jobs that fit the worker's free cores, memory and zero-core slots, "
-                           "each under a lease", _OBJ, {"type": "object", "properties": {"jobs": {"type": "array"}}}),
-    "/worker/v1/may-run": _op("may I run: jobs as [key, attempt] pairs; answers run and stop lists", _OBJ, _OBJ),
-    "/worker/v1/reports": _op("starts, output and ends of leased jobs (stale ones are ignored)", _OBJ, _OBJ),
-    "/worker/v1/leave": _op("the worker leaves; its leases end", _OBJ, _OBJ),
+    "/worker/v1/register": _op(
+        "a worker joins: name, ip, cores, memory, system; answers its session",
+        _body(("name", "cores", "memory"), name=_NAME, ip={"type": "string", "maxLength": 64}, cores=_ROOM,
+              memory=_ROOM, system={"type": "string", "maxLength": 64}),
+        {"type": "object", "properties": {"session": {"type": "string"}, "heartbeat": {"type": "number"},
+                                          "timeout": {"type": "number"}}}),
+    "/worker/v1/heartbeat": _op(
+        "renews the worker's leases: name, session, running (job keys), figures, output ({key: new stdout}); "
+        "answers stop (keys not its own) and kill ({key: reason})",
+        _body(("name", "session"), name=_NAME, session=_SESSION, running=_KEYS, figures=_OBJ, output=_OBJ),
+        {"type": "object", "properties": {"stop": _KEYS, "kill": _OBJ}}),
+    "/worker/v1/pull": _op(
+        "ready jobs that fit the worker's free cores, memory and zero-core slots, each under a lease",
+        _body(("name", "session", "cores", "memory", "slots"), name=_NAME, session=_SESSION, cores=_ROOM,
+              memory=_ROOM, slots=_ROOM, most=_ROOM),
+        {"type": "object", "properties": {"jobs": {"type": "array", "items": _OBJ}}}),
+    "/worker/v1/may-run": _op(
+        "may I run: jobs as [key, attempt] pairs; answers run and stop lists",
+        _body(("name", "session", "jobs"), name=_NAME, session=_SESSION,
+              jobs={"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2}}),
+        {"type": "object", "properties": {"run": _KEYS, "stop": _KEYS}}),
+    "/worker/v1/reports": _op(
+        "starts, output and ends of leased jobs (stale ones are ignored)",
+        _body(("name", "reports"), name=_NAME, reports={"type": "array", "items": _body(
+            ("key", "attempt", "event"), key={"type": "string"}, attempt={"type": "integer", "minimum": 1},
+            event={"type": "string", "enum": ["start", "end", "output"]})}),
+        {"type": "object", "properties": {"accepted": {"type": "integer"}}}),
+    "/worker/v1/leave": _op("the worker leaves; its leases end", _body(("name", "session"), name=_NAME, session=_SESSION),
+                            {"type": "object", "properties": {"left": {"type": "boolean"}}}),
 }
