@@ -115,15 +115,19 @@ class Farm:
         await deferLater(self.reactor, random.uniform(0, HEARTBEAT), lambda: None)
         while not self.stopping:
             started = time.perf_counter()
+            ready = 1
             try:
-                await self.post("heartbeat", {"name": name, "session": self.sessions[name], "running": [],
-                                              "figures": {"load_average": {"1min": 0.1}}})
+                answer = await self.post("heartbeat", {"name": name, "session": self.sessions[name], "running": [],
+                                                       "figures": {"load_average": {"1min": 0.1}}})
+                ready = answer.get("ready", 1)
             except Exception:
                 pass
             self.beats.setdefault(self.phase, []).append(time.perf_counter() - started)
-            # As the agent's cycle: heartbeat, then pull; one request at a time per worker.
+            # As the agent's cycle: heartbeat, then pull when the manager has work; one request at
+            # a time per worker.
             try:
-                await self.pull_and_run(name)
+                if ready:
+                    await self.pull_and_run(name)
             except Exception:
                 pass
             await deferLater(self.reactor, max(0.0, HEARTBEAT - (time.perf_counter() - started)), lambda: None)

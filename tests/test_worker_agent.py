@@ -86,6 +86,19 @@ def test_the_agent_registers_pulls_a_batch_that_fits_and_runs_it(s: Setup) -> No
     assert s.outbox_rows() == 0
 
 
+def test_an_idle_worker_does_not_pull_from_an_idle_manager(s: Setup) -> None:
+    s.start()
+    pulls: list[Any] = []
+    real = s.m.workers.pull
+    s.m.workers.pull = lambda *args, **kw: pulls.append(args) or real(*args, **kw)  # type: ignore[method-assign]
+    s.advance(5)
+    s.advance(5)
+    assert pulls == []
+    s.m.add({"cmd": "work", "cpus": 1})
+    s.advance(5)
+    assert len(pulls) == 1 and s.spawner.commands() == ["work"]
+
+
 def test_the_worker_token_grants_the_worker_routes_only(s: Setup) -> None:
     def code(path: str, token: str) -> int:
         d = s.stub.request("POST", "https://manager.test" + path, data=b"{}",

@@ -162,7 +162,7 @@ def test_heartbeats_renew_leases(m: Manager) -> None:
     (payload,) = m.pull("a", a)
     for _ in range(30):
         m.clock.advance(5)
-        assert m.workers.beat("a", a, [job.key]) == {"stop": [], "kill": {}}
+        assert m.workers.beat("a", a, [job.key]) == {"stop": [], "kill": {}, "ready": 0}
         m.workers.check()
     assert job.state == model.RESERVED and m.workers.may_run("a", a, [(job.key, 1)])["run"] == [job.key]
 
@@ -177,6 +177,15 @@ def test_a_kill_reaches_the_worker_in_its_heartbeat_reply(m: Manager) -> None:
     assert m.workers.may_run("a", a, [(job.key, 1)])["stop"] == [job.key]
     m.report("a", payload, "end", signal=15, kill_reason=model.FAIL_KILLED)
     assert job.state == model.BURIED and job.fail_reason == model.FAIL_KILLED
+
+
+def test_a_heartbeat_says_whether_a_pull_could_find_work(m: Manager) -> None:
+    a = m.join("a")
+    assert m.workers.beat("a", a, [])["ready"] == 0
+    m.add({"cmd": "true"}, {"cmd": "false"})
+    assert m.workers.beat("a", a, [])["ready"] == 2
+    m.workers.set_enabled("a", False)
+    assert m.workers.beat("a", a, [])["ready"] == 0
 
 
 def test_a_disabled_worker_gets_no_new_work(m: Manager) -> None:

@@ -196,7 +196,7 @@ WORKER_PATHS: dict[str, Any] = {
         "renews the worker's leases: name, session, running (job keys), figures, output ({key: new stdout}); "
         "answers stop (keys not its own) and kill ({key: reason})",
         _body(("name", "session"), name=_NAME, session=_SESSION, running=_KEYS, figures=_OBJ, output=_OBJ),
-        {"type": "object", "properties": {"stop": _KEYS, "kill": _OBJ}}),
+        {"type": "object", "properties": {"stop": _KEYS, "kill": _OBJ, "ready": {"type": "integer"}}}),
     "/worker/v1/pull": _op(
         "ready jobs that fit the worker's free cores, memory and zero-core slots, each under a lease",
         _body(("name", "session", "cores", "memory", "slots"), name=_NAME, session=_SESSION, cores=_ROOM,

@@ -124,6 +124,7 @@ class WorkerAgent(Service):
         self.stopping: set[str] = set()  # told to stop, not ended yet: nothing is pulled meanwhile
         self.manager_timeout = 60.0  # the manager's, told at registration
         self.last_contact = 0.0  # when the last heartbeat the manager answered was sent
+        self.manager_has_work = True  # the last heartbeat's reply: some job is ready
         self.used_cores = 0.0
         self.used_memory = 0
         self.used_slots = 0
@@ -276,6 +277,7 @@ class WorkerAgent(Service):
             if key in running:
                 running[key].output_seen = size
         self.last_contact = sent
+        self.manager_has_work = answer.get("ready", 1) > 0
         for key in answer.get("stop", []):
             self._stop(key, STOPPED)
         for key, reason in answer.get("kill", {}).items():
@@ -304,7 +306,8 @@ class WorkerAgent(Service):
 
     async def _pull(self) -> None:
         cores, memory, slots = self.room()
-        if memory <= 0 or (cores < 0.01 and slots <= 0) or not self.running or self.stopping:
+        if (memory <= 0 or (cores < 0.01 and slots <= 0) or not self.running or self.stopping
+                or not self.manager_has_work):
             return
         answer = await self._post("pull", {"cores": cores, "memory": memory, "slots": slots})
         pulled = [Slot(payload) for payload in answer["jobs"]]

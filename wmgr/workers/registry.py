@@ -204,8 +204,11 @@ class Workers(Service):
         for key, text in (output or {}).items():
             if key in worker.leases:
                 self._output(key, text)
+        # `ready`: whether a pull could find work (an upper bound: the ready groups' sizes), so that
+        # an idle worker of an idle manager heartbeats without pulling.
         return {"stop": [key for key in running if key not in worker.leases],
-                "kill": {key: run.kill_reason for key, run in worker.leases.items() if run.kill_reason}}
+                "kill": {key: run.kill_reason for key, run in worker.leases.items() if run.kill_reason},
+                "ready": self.queue.scheduler.waiting() if worker.enabled else 0}
 
     def pull(self, name: str, session: str, cores: float, memory: int, slots: int, most: int = 0) -> list[dict[str, Any]]:
         """Hand the worker as many ready jobs as fit its free room, each under a lease."""
