@@ -193,7 +193,7 @@ async def jobs_phase(reactor: Any, farm: Farm, admin: Client, n_jobs: int, tag: 
 async def local_baseline(reactor: Any, n_jobs: int) -> float:
     """The same number of trivial jobs run by a manager's own launchers."""
     async with daemon(reactor, None) as d:
-        async with d.client(reactor) as client:
+        async with d.client(reactor, idle_timeout=5.0) as client:
             started = time.perf_counter()
             await client.add_jobs([{"cmd": f"true local {i}"} for i in range(n_jobs)], rep_grp="local")
 
@@ -213,14 +213,15 @@ async def main(reactor: Any, opts: Any) -> int:
         ca = (d.data_dir / "ca.pem").read_bytes()
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = n_workers + 16
+        pool.cachedConnectionTimeout = 8.0  # under the manager's [http] header_timeout (10 s)
         policy = BrowserLikePolicyForHTTPS(trustRootFromCertificates([Certificate.loadPEM(ca)]))
         http = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
         token = (d.data_dir / "worker.token").read_text().strip()
         client = Client(reactor, d.url, ca, token, http=http)
-        admin = d.client(reactor)
+        admin = d.client(reactor, idle_timeout=5.0)
         farm = Farm(reactor, client, n_workers)
         farm.manager_pid = d.process.pid  # type: ignore[attr-defined, union-attr]
-        probe_client = d.client(reactor)
+        probe_client = d.client(reactor, idle_timeout=5.0)
         try:
             started = time.perf_counter()
             names = [f"sim{i:04d}" for i in range(n_workers)]

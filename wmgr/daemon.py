@@ -51,6 +51,7 @@ log = Logger()
 
 URL_FILE = "wmgr.url"
 LISTEN_BACKLOG = 1024
+WORKER_IDLE_TIMEOUT = 8.0
 
 
 def guarded(name: str, body: Callable[[], Any]) -> Callable[[], Deferred[None]]:
@@ -201,7 +202,9 @@ class WmgrService(MultiService):
         assert self.store is not None and self.launcher is not None
         ca = Path(config.manager_ca).expanduser().read_bytes() if config.manager_ca else None
         manager_token = Path(config.manager_token_file).expanduser().read_text().strip()
-        client = Client(self._reactor, config.manager_url, ca, manager_token)
+        # The manager closes a kept-alive connection idle for its [http] header_timeout (10 s by
+        # default): ours are let go sooner, and a heartbeat every few seconds keeps one open.
+        client = Client(self._reactor, config.manager_url, ca, manager_token, idle_timeout=WORKER_IDLE_TIMEOUT)
         self.agent = WorkerAgent(
             self._reactor, client, config.worker_name or host_name(), host_address(),
             Capacity.detect(config.worker_cores, config.worker_memory), Outbox(self.store),
