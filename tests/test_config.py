@@ -188,7 +188,7 @@ def test_the_sample_names_every_option_and_only_those() -> None:
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(SAMPLE)
     in_sample = {(section, option) for section in parser.sections() for option in parser.options(section)}
-    in_config = {f.metadata["ini"][:2] for f in fields(Config)}
+    in_config = {f.metadata["ini"][:2] for f in fields(Config) if "ini" in f.metadata}
     assert in_sample == in_config
 
 
@@ -204,7 +204,7 @@ def test_the_sample_parses_and_sets_every_field(home: Path) -> None:
     assigned.clear()
     config.read_ini(str(SAMPLE))
     config.check()
-    assert sorted(set(assigned)) == sorted(f.name for f in fields(Config))
+    assert sorted(set(assigned)) == sorted(f.name for f in fields(Config) if "ini" in f.metadata)
     # the sample documents the defaults: every value in it is the built-in one
     defaults = Config()
     for f in fields(Config):

@@ -135,6 +135,17 @@ def test_the_connection_registry_is_read_when_scraped(watched) -> None:
     assert got[("wmgr_connections_lookups_total", ())] == 40
 
 
+def test_supervised_services_are_read_when_scraped(watched) -> None:
+    metrics = watched[0]
+    states = [SimpleNamespace(name="xrootd", state="active", restarts=2),
+              SimpleNamespace(name="mysqld", state="stopped", restarts=None)]
+    metrics.watch_services(SimpleNamespace(supervised_states=lambda: states))
+    got = samples(metrics)
+    assert got[("wmgr_service_up", (("name", "xrootd"),))] == 1
+    assert got[("wmgr_service_up", (("name", "mysqld"),))] == 0
+    assert got[("wmgr_service_restarts_total", (("name", "xrootd"),))] == 2
+
+
 def test_the_workers_are_read_when_scraped(watched, tmp_path) -> None:
     from tests.test_workers import Manager
 

@@ -37,7 +37,7 @@ class Setup:
         self.m.start()
         surfaces = [(("worker",), WorkersAPI(self.m.workers).resource())]
         fallback = RootApp(document([WORKER_PATHS, ROOT_PATHS])).app.resource()
-        self.stub = StubTreq(Root(CLIENT_TOKEN, surfaces, fallback, {"worker": WORKER_TOKEN}))
+        self.stub = StubTreq(Root(CLIENT_TOKEN, surfaces, fallback, segment_tokens={"worker": WORKER_TOKEN}))
         self.worker_store = SyncStore(tmp_path / "worker.db")
         self.spawner = FakeSpawner()
         self.client = Client(None, "https://manager.test/", None, WORKER_TOKEN, http=self.stub)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import treq
 from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
@@ -33,6 +35,48 @@ class Reply:
 
     def __repr__(self) -> str:
         return f"<Reply {self.code} {self.body[:200]!r}>"
+
+
+class _EventReader(Protocol):
+    """Splits an event stream into events and hands each one's JSON data on; once told to stop
+    (or on a failure), it drops the connection, which is how a client leaves an event stream."""
+
+    def __init__(self, on_data: Callable[[Any], bool], finished: Deferred[None]) -> None:
+        self._on_data = on_data
+        self._finished = finished
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished.called:
+            return
+        self._buffer += data.replace(b"\r\n", b"\n")
+        while b"\n\n" in self._buffer and not self._finished.called:
+            event, _, self._buffer = self._buffer.partition(b"\n\n")
+            lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+            if not lines:
+                continue  # a comment (keep-alive) or a retry: line
+            try:
+                done = self._on_data(json.loads(b"\n".join(lines)))
+            except BaseException as e:
+                self._finished.errback(e)
+                done = True
+            else:
+                if done:
+                    self._finished.callback(None)
+            if done:
+                self.transport.stopProducing()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self._finished.called:
+            self._finished.errback(ConnectionError("the daemon closed the event stream"))
+
+
+class EventStreamRefused(Exception):
+    """The daemon answered an event-stream request with an error status."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"event stream refused: {reply}")
+        self.reply = reply
 
 
 class Client:
@@ -111,6 +155,21 @@ class Client:
         if reply.code != 200:
             raise RuntimeError(f"listing jobs failed: {reply}")
         return reply.json()
+
+    async def follow_events(self, path: str, on_data: Callable[[Any], bool]) -> None:
+        """Follow a Server-Sent Events stream (GET /ui/events): call on_data with each event's
+        data, parsed as JSON, until it returns True; then drop the connection."""
+        headers = {"Accept": ["text/event-stream"]}
+        if self.token:
+            headers["Authorization"] = [f"Bearer {self.token}"]
+        response = await self._http.request("GET", self.base_url + path.lstrip("/"), headers=headers,
+                                            unbuffered=True)
+        if response.code != 200:
+            body = await treq.content(response)
+            raise EventStreamRefused(Reply(response.code, response.headers, body))
+        finished: Deferred[None] = Deferred()
+        response.deliverBody(_EventReader(on_data, finished))
+        await finished
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -67,13 +67,56 @@ def _body_limits(text: str) -> list[tuple[str, int]]:
 
 
 # The connection routes check their own, smaller limit ([connections] max_body: a 400, as DUNE
-# clients expect); these let such bodies through to that check.
+# clients expect); these let such bodies through to that check. /dbs/ takes Qserv's table
+# uploads, streamed from the spool file to the database.
 DEFAULT_BODY_LIMITS = ("/=1M /rest/v1/jobs/=256M /rest/v1/upload/=4G /api/v1/=16M "
-                       "/publish=16M /getconnection/=16M /retract=16M /retract-partition=16M /worker/=64M")
+                       "/publish=16M /getconnection/=16M /retract=16M /retract-partition=16M /dbs/=16G /worker/=64M")
 
 
 def _data_dir(text: str) -> Path:
     return Path(os.path.expanduser(text)).absolute()
+
+
+def _optional_path(text: str) -> Optional[Path]:
+    return Path(os.path.expanduser(text.strip())).absolute() if text.strip() else None
+
+
+def _qserv_auth(text: str) -> list[str]:
+    schemes = [name.lower() for name in _names(text)]
+    if schemes != ["none"] and not (schemes and set(schemes) <= {"basic", "digest"}):
+        raise ValueError("auth is none, or basic and/or digest")
+    return schemes
+
+
+def _service_section(name: str, options: Mapping[str, str]) -> Any:
+    from wmgr.services.spec import service_spec
+
+    return service_spec(name, options)
+
+
+def _dbs_backend(text: str) -> str:
+    if text.strip() not in ("sqlite", "mysql"):
+        raise ValueError("backend is sqlite or mysql")
+    return text.strip()
+
+
+def _mysql_url(text: str) -> str:
+    if text.strip():
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(text.strip())
+        if parts.scheme != "mysql" or not parts.hostname:
+            raise ValueError("not a mysql://user:password@host:port URL")
+        parts.port  # a port that is not a number raises ValueError here
+    return text.strip()
+
+
+def _db_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][0-9A-Za-z_]{0,63}", text.strip()):
+        raise ValueError("not a database name")
+    return text.strip()
 
 
 def default_data_dir() -> Path:
@@ -109,6 +152,10 @@ class Config:
     prune_interval: float = field(default=3600.0, metadata={"ini": ("history", "prune_interval", float)})
     upload_roots: list[str] = field(default_factory=lambda: ["~", "/tmp"],
                                     metadata={"ini": ("upload", "roots", _names)})
+    dbs_backend: str = field(default="sqlite", metadata={"ini": ("dbs", "backend", _dbs_backend)})
+    dbs_url: str = field(default="", metadata={"ini": ("dbs", "url", _mysql_url)})
+    dbs_proxy_url: str = field(default="", metadata={"ini": ("dbs", "proxy_url", _mysql_url)})
+    dbs_xrootd_db: str = field(default="qservw_worker", metadata={"ini": ("dbs", "xrootd_db", _db_name)})
     pman_allow_quit: bool = field(default=False, metadata={"ini": ("pman", "allow_quit", _boolean)})
     header_timeout: float = field(default=10.0, metadata={"ini": ("http", "header_timeout", float)})
     body_limits: list[tuple[str, int]] = field(default_factory=lambda: _body_limits(DEFAULT_BODY_LIMITS),
@@ -119,6 +166,18 @@ class Config:
     connections_open: bool = field(default=False, metadata={"ini": ("connections", "open", _boolean)})
     connections_max_body: int = field(default=8 << 20, metadata={"ini": ("connections", "max_body", int)})
     connections_max_regex: int = field(default=1024, metadata={"ini": ("connections", "max_regex", int)})
+    qserv_auth: list[str] = field(default_factory=lambda: ["digest"], metadata={"ini": ("qserv", "auth", _qserv_auth)})
+    qserv_secret_file: Optional[Path] = field(default=None,
+                                              metadata={"ini": ("qserv", "secret_file", _optional_path)})
+    services_script_timeout: float = field(default=30.0, metadata={"ini": ("services", "script_timeout", float)})
+    services_kill_grace: float = field(default=5.0, metadata={"ini": ("services", "kill_grace", float)})
+    services_restart_min_delay: float = field(default=1.0,
+                                              metadata={"ini": ("services", "restart_min_delay", float)})
+    services_restart_max_delay: float = field(default=60.0,
+                                              metadata={"ini": ("services", "restart_max_delay", float)})
+    # One item per "[service:NAME]" section (a family of sections: "family", not "ini").
+    services: dict[str, Any] = field(default_factory=dict, metadata={"family": ("service", _service_section)})
+
     # The manager's side of the worker protocol.
     workers_timeout: float = field(default=60.0, metadata={"ini": ("workers", "timeout", float)})
     workers_check_interval: float = field(default=5.0, metadata={"ini": ("workers", "check_interval", float)})
@@ -153,8 +212,17 @@ class Config:
             raise InvalidRequest(f"cannot read the configuration file {path}: {e.strerror}") from None
         except configparser.Error as e:
             raise InvalidRequest(f"{path}: {e}") from None
-        known = {f.metadata["ini"][:2]: f for f in fields(self)}
+        known = {f.metadata["ini"][:2]: f for f in fields(self) if "ini" in f.metadata}
+        families = {f.metadata["family"][0]: f for f in fields(self) if "family" in f.metadata}
         for section in parser.sections():
+            family, colon, name = section.partition(":")
+            if colon and family in families:
+                spec = families[family]
+                try:
+                    getattr(self, spec.name)[name] = spec.metadata["family"][1](name, dict(parser.items(section)))
+                except ValueError as e:
+                    raise InvalidRequest(f"{path}: [{section}]: {e}") from None
+                continue
             for option, text in parser.items(section):
                 spec = known.get((section, option))
                 if spec is None:
@@ -194,3 +262,9 @@ class Config:
             raise InvalidRequest("[connections] ttl, max_body and max_regex must be > 0")
         if self.connections_match not in ("fullmatch", "search"):
             raise InvalidRequest("[connections] match must be fullmatch or search")
+        if self.dbs_backend == "mysql" and not self.dbs_url:
+            raise InvalidRequest("[dbs] backend = mysql needs url = mysql://user:password@host:port")
+        if self.services_script_timeout <= 0 or self.services_kill_grace < 0 or \
+                not 0 < self.services_restart_min_delay <= self.services_restart_max_delay:
+            raise InvalidRequest("[services] script_timeout must be > 0, kill_grace >= 0, "
+                                 "0 < restart_min_delay <= restart_max_delay")

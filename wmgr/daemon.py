@@ -25,18 +25,27 @@ from wmgr.api.flamenco import FLAMENCO_PATHS, FlamencoAPI
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.connections import SEGMENTS as CONNECTION_SEGMENTS
+from wmgr.api.dashboard import DASHBOARD_PATHS, Dashboard
 from wmgr.api.pman import PMAN_PATHS, PmanAPI
 from wmgr.api.channel import BodyLimits, WmgrSite
 from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
+from wmgr.api.qserv import QSERV_SCHEMAS
+from wmgr.api.qserv_auth import QservAuth
+from wmgr.api.qserv_dbs import QSERV_DBS_PATHS, QservDbsAPI
+from wmgr.api.qserv_services import QSERV_SERVICES_PATHS, QservServicesAPI
 from wmgr.api.root import Root, RootApp, Surface
+from wmgr.api.sessions import Sessions
 from wmgr.api.workers import WORKER_PATHS, WorkersAPI
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, WORKER_TOKEN_FILE, ensure_token
 from wmgr.config import Config
 from wmgr.connections.service import ConnectionService
+from wmgr.jobs.groupcounts import CountsFeed
+from wmgr.dbs import Databases, make_backend
 from wmgr.jobs.launcher import LauncherPool
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.servers import BadServers
+from wmgr.services import ServiceManager
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
 from wmgr.metrics import Metrics
@@ -100,6 +109,7 @@ class WmgrService(MultiService):
         self.workers: Optional[Workers] = None
         self.agent: Any = None
         self._started: Optional[Deferred[None]] = None
+        self.dashboard: Optional[Dashboard] = None
         self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
         # Hosts that stopped answering; the worker role reports them here.
         self.bad_servers = BadServers()
@@ -155,8 +165,8 @@ class WmgrService(MultiService):
             await self._become_worker()
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
-        openapi = document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, CONNECTIONS_PATHS, ROOT_PATHS,
-                            METRICS_PATHS])
+        openapi = document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, CONNECTIONS_PATHS, QSERV_SERVICES_PATHS,
+                            QSERV_DBS_PATHS, DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
         self.metrics = Metrics(openapi["paths"])
         self.metrics.watch(self.queue, self.launcher, self.store)
         self.metrics.watch_workers(self.workers)
@@ -175,8 +185,33 @@ class WmgrService(MultiService):
         ).resource(), own_auth=True, quiet=True))
         if config.connections_open:
             log.warn("[connections] open = true: the connection registry's routes answer without a token")
+        # The Qserv worker manager: its routes take the token or Basic/Digest (self.qserv_auth
+        # guards every Qserv surface, so a digest nonce is good on all of them).
+        self.qserv_auth = QservAuth.from_config(config, self._reactor)
+        self.service_manager = ServiceManager(
+            config.services.values(), self._reactor, self.data_dir / "services",
+            script_timeout=config.services_script_timeout, kill_grace=config.services_kill_grace,
+            restart_min_delay=config.services_restart_min_delay, restart_max_delay=config.services_restart_max_delay)
+        self.service_manager.setServiceParent(self)
+        self.metrics.watch_services(self.service_manager)
+        services_api = QservServicesAPI(self.service_manager).resource()
+        surfaces.append(Surface(("services",), self.qserv_auth.protect(services_api), own_auth=True))
+        # The Qserv databases (/dbs, /xrootd) on SQLite or MySQL, behind the same guard.
+        backend = make_backend(config.dbs_backend, self.data_dir, config.dbs_url, config.dbs_xrootd_db)
+        self.databases = Databases(backend, self._reactor, restart_if_running=self.service_manager.restart_if_running,
+                                   proxy_url=config.dbs_proxy_url or None)
+        self.databases.setServiceParent(self)
+        surfaces.append(Surface(("dbs", "xrootd"), self.qserv_auth.protect(QservDbsAPI(self.databases).resource()),
+                                own_auth=True))
+        sessions = Sessions(self._reactor)
+        # A service, before the listeners: stopped right after them, it ends the open event streams.
+        self.dashboard = Dashboard(token, sessions, CountsFeed(self.store, self._reactor, self.queue.notices.peek),
+                                   self._reactor)
+        self.dashboard.setServiceParent(self)
+        surfaces.append(Surface(("ui",), self.dashboard.resource(), own_auth=True))
         fallback = RootApp(openapi).app.resource()
-        site = WmgrSite(Root(token, surfaces, fallback, {"worker": worker_token}), BodyLimits(config.body_limits),
+        site = WmgrSite(Root(token, surfaces, fallback, sessions, segment_tokens={"worker": worker_token}),
+                        BodyLimits(config.body_limits),
                         config.header_timeout, observe=self.metrics.observe_request, reactor=self._reactor)
 
         # A manager with many workers takes many connections at once; with Twisted's default

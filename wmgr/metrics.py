@@ -108,6 +108,23 @@ class ConnectionCollector:
                                   value=stats.lookups)
 
 
+class ServiceCollector:
+    """The services wmgr supervises itself ([service:NAME] with a command): up or not, restarts."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("wmgr_service_up", "1 if a supervised service's process runs, else 0", labels=["name"])
+        restarts = CounterMetricFamily("wmgr_service_restarts", "Times a supervised service was started again",
+                                       labels=["name"])
+        for state in self.services.supervised_states():
+            up.add_metric([state.name], 1 if state.state == "active" else 0)
+            restarts.add_metric([state.name], state.restarts or 0)
+        yield up
+        yield restarts
+
+
 class WorkerCollector:
     """The manager's workers: online and offline, and the jobs they hold under a lease."""
 
@@ -147,6 +164,9 @@ class Metrics:
 
     def watch_connections(self, connections: Any) -> None:
         self.registry.register(ConnectionCollector(connections))
+
+    def watch_services(self, services: Any) -> None:
+        self.registry.register(ServiceCollector(services))
 
     def observe_request(self, method: bytes, path: bytes, status: Optional[int], seconds: float) -> None:
         name = method.decode("ascii", "replace")

@@ -19,7 +19,9 @@ class Options(usage.Options):
     synopsis = ("[--config PATH] [--data-dir DIR] [--interface ADDR] [--port N] [--http-port N] "
                 "[--manager URL --manager-ca PATH --manager-token-file PATH [--worker-name NAME]]")
     longdesc = (
-        "Serve the wr job queue (/rest/v1/) and the pman API (/api/v1/) over HTTPS with the daemon's own CA and a bearer token. Command-line "
+        "Serve the wr job queue (/rest/v1/), the pman API (/api/v1/), the DUNE connection registry "
+        "(/publish, /getconnection/...) and the Qserv worker manager's services and databases (/services, "
+        "/dbs, /xrootd) over HTTPS with the daemon's own CA and a bearer token, and /metrics. Command-line "
         "options override the configuration file; etc/wmgr.cnf documents every option."
     )
     optParameters = [

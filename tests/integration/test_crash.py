@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from tests.harness import until
 from tests.integration.test_wr_jobs import no_job_outlives_its_test  # noqa: F401 (an autouse fixture)

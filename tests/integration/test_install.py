@@ -29,7 +29,9 @@ def test_a_plain_install_puts_the_plugin_where_twistd_finds_it(tmp_path):
     assert build.returncode == 0, build.stderr
     assert (target / "twisted" / "plugins" / "wmgr_plugin.py").exists()
     assert not (target / "twisted" / "__init__.py").exists()  # it would shadow Twisted itself
-    assert not (target / "bin" / "wmgr").exists()  # no CLI yet: no command that fails at once
+    for name in ("index.html", "app.css", "app.js"):  # the dashboard, as package data
+        assert (target / "wmgr" / "static" / name).exists(), name
+    assert (target / "bin" / "wmgr").exists()  # the console script
     env = dict(os.environ, PYTHONPATH=str(target))
     probe = "import wmgr, twisted; print(wmgr.__file__); print(twisted.__file__)"
     where = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd="/")

@@ -5,6 +5,6 @@ from twisted.application.service import ServiceMaker
 wmgr = ServiceMaker(
     "wmgr",
     "wmgr.tap",
-    "Worker management daemon: the wr job queue and the pman API over HTTPS",
+    "Worker management daemon: wr jobs, pman, connections, Qserv services and databases over HTTPS",
     "wmgr",
 )

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import html
 import json
-from urllib.parse import parse_qs
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
+from urllib.parse import parse_qs as parse_text_qs  # of text: parse_qs of bytes fails on non-ASCII names
 
 from klein import Klein
 from twisted.web.resource import Resource
@@ -174,13 +174,14 @@ class ConnectionsAPI:
             return _text(body, "partition")
         # The urlencoded form of older clients: the site parses no form bodies (see
         # wmgr.api.channel), so it is read here, from the bytes already in hand.
-        values = parse_qs(raw).get(b"partition")
+        # Parsed as text: parse_qs of bytes fails (500) on a field name that decodes to non-ASCII.
+        try:
+            values = parse_text_qs(raw.decode("ascii"), errors="strict").get("partition")
+        except UnicodeDecodeError:
+            raise InvalidRequest("the form is not percent-encoded UTF-8 text") from None
         if not values:
             raise InvalidRequest('give the partition as JSON {"partition": P} or as the form field partition=P')
-        try:
-            partition = values[0].decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest("the partition is not UTF-8 text") from None
+        partition = values[0]
         if not partition:
             raise InvalidRequest("the partition is empty")
         return partition

@@ -12,7 +12,7 @@ from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from wmgr.api.common import install_error_handlers, json_response
-from wmgr.api.openapi import ERROR, reply
+from wmgr.api.openapi import ERROR
 from wmgr.metrics import Metrics
 
 

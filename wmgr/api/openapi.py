@@ -204,11 +204,15 @@ def document(path_sets: Iterable[Mapping[str, Any]], schemas: Iterable[Mapping[s
     return {
         "openapi": "3.0.3",
         "info": {"title": "wmgr", "version": __version__,
-                 "description": "One HTTPS daemon per machine: the wr job queue and the pman API."},
+                 "description": "One HTTPS daemon per machine: the wr job queue, the pman API, the DUNE "
+                                "connection registry and the Qserv worker manager's services and databases."},
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "tokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
+                # The Qserv routes' legacy clients: the user:password of [qserv] secret_file.
+                "qservBasic": {"type": "http", "scheme": "basic"},
+                "qservDigest": {"type": "http", "scheme": "digest"},
             },
             "schemas": components,
         },

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from klein import Klein
 from twisted.logger import Logger
@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from wmgr.api.common import install_error_handlers, json_response, url_query
+from wmgr.api.sessions import CROSS_ORIGIN, SESSION_OK, Sessions
 from wmgr.auth import presented_token, token_matches
 
 log = Logger()
@@ -63,9 +64,10 @@ class Root(Resource):
     isLeaf = True
 
     def __init__(self, token: str, surfaces: Iterable[SurfaceLike], fallback: Any,
-                 segment_tokens: Mapping[str, str] | None = None) -> None:
+                 sessions: Optional[Sessions] = None, segment_tokens: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._token = token
+        self._sessions = sessions
         # A second token that grants one first path segment only (the worker token: /worker/).
         self._segment_tokens = {segment.encode(): value for segment, value in (segment_tokens or {}).items()}
         self._fallback = Surface((), fallback)
@@ -88,6 +90,14 @@ class Root(Resource):
         except UnicodeDecodeError:
             return json_response(request, {"error": "the path (once %-decoded) or the Host is not UTF-8 text"}, 400)
         token_ok = request.path in PUBLIC_PATHS or self._authorised(request, first)
+        if not token_ok and self._sessions is not None:
+            # A dashboard login stands for the token, except for a state-changing request that
+            # another site's page made the browser send (see wmgr.api.sessions).
+            verdict = self._sessions.authorise(request)
+            if verdict == CROSS_ORIGIN:
+                return json_response(request, {"error": "cross-origin request refused: its Origin is not "
+                                                        "this daemon's"}, 403)
+            token_ok = verdict == SESSION_OK
         if surface.own_auth:
             request.wmgr_token_ok = token_ok
         elif not token_ok:

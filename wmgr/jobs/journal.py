@@ -219,6 +219,12 @@ def load_state(conn: sqlite3.Connection) -> dict[str, Any]:
     return {"rows": rows, "seq": seq, "samples": samples, "limits": limits, "states": states}
 
 
+def group_state_counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """(rep group, state, jobs) from the counters, for live views: never a scan of jobs."""
+    return conn.execute(
+        "SELECT rep_grp, state, SUM(n) FROM rep_grp_states GROUP BY rep_grp, state ORDER BY rep_grp").fetchall()
+
+
 def move_counters(conn: sqlite3.Connection, deltas: Counter) -> None:
     """Move the per-rep-group counters by the given deltas."""
     rows = [(*group, n, n) for group, n in deltas.items() if n]

@@ -27,6 +27,10 @@ class Notices:
             entry[1] = now
             entry[2] += 1
 
+    def peek(self) -> list[dict[str, Any]]:
+        """The warnings, left in place (for live views; only a client's read removes them)."""
+        return [{"Msg": m, "FirstDate": e[0], "LastDate": e[1], "Count": e[2]} for m, e in self._entries.items()]
+
     def take(self) -> list[dict[str, Any]]:
         entries, self._entries = self._entries, {}
         return [{"Msg": m, "FirstDate": e[0], "LastDate": e[1], "Count": e[2]} for m, e in entries.items()]
