@@ -195,3 +195,19 @@ def test_a_disabled_worker_gets_no_new_work(s: Setup) -> None:
     assert len(s.pull("w1", session)) == 3
     answer = s.call("PATCH", f"/workers/{worker_id}", form={"activity": "rendering", "time_cost": "3"})
     assert answer.json() == {"task_id": 12} and s.call("GET", "/workers").json()["w1"]["activity"] == "rendering"
+
+
+def test_the_dashboards_workers_view_is_served_and_uses_only_its_own_elements() -> None:
+    import re
+
+    from wmgr.api.dashboard import STATIC_DIR, STATIC_TYPES
+
+    script = (STATIC_DIR / "workers.js").read_text()
+    html = (STATIC_DIR / "index.html").read_text()
+    assert STATIC_TYPES["workers.js"].startswith(b"text/javascript")
+    assert '<script src="workers.js" defer></script>' in html and 'data-view="workers-view"' in html
+    for element in set(re.findall(r'\$\("([\w-]+)"\)', script)):
+        assert f'id="{element}"' in html, element
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write", script)
+    for method, path in re.findall(r'api\("(\w+)", "(/\w+)', script):
+        assert path in ("/workers", "/tasks"), path
