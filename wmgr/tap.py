@@ -20,9 +20,11 @@ class Options(usage.Options):
                 "[--manager URL --manager-ca PATH --manager-token-file PATH [--worker-name NAME]]")
     longdesc = (
         "Serve the wr job queue (/rest/v1/), the pman API (/api/v1/), the DUNE connection registry "
-        "(/publish, /getconnection/...) and the Qserv worker manager's services and databases (/services, "
-        "/dbs, /xrootd) over HTTPS with the daemon's own CA and a bearer token, and /metrics. Command-line "
-        "options override the configuration file; etc/wmgr.cnf documents every option."
+        "(/publish, /getconnection/...), the Qserv worker manager's services and databases (/services, "
+        "/dbs, /xrootd), the worker protocol (/worker/v1/) and Flamenco's workers and tasks (/workers, "
+        "/tasks) over HTTPS with the daemon's own CA and a bearer token, and /metrics; with --manager, "
+        "also run another wmgr's jobs as its worker. Command-line options override the configuration "
+        "file; etc/wmgr.cnf documents every option."
     )
     optParameters = [
         ["config", "c", None, "An INI configuration file in the format of etc/wmgr.cnf."],
