@@ -62,7 +62,8 @@ def _text(fields: dict[str, Any], name: str, required: bool = False, limit: int 
     return value
 
 
-def _integer(fields: dict[str, Any], name: str, required: bool = False, low: int = -2**31, high: int = 2**31 - 1) -> Optional[int]:
+def _integer(fields: dict[str, Any], name: str, required: bool = False, low: int = -2**31,
+             high: int = 2**31 - 1) -> Optional[int]:
     value = fields.get(name)
     if value is None or value == "":
         if required:
@@ -148,8 +149,8 @@ class FlamencoAPI:
     def register_worker(self, request: Any) -> bytes:
         fields = request_fields(request)
         self.workers.announce(_hostname(fields), request.getClientAddress().host,
-                              _text(fields, "system", limit=200) or "", _integer(fields, "port", low=0, high=65535) or 0,
-                              _figures(fields))
+                              _text(fields, "system", limit=200) or "",
+                              _integer(fields, "port", low=0, high=65535) or 0, _figures(fields))
         request.setResponseCode(204)
         return b""
 

@@ -213,6 +213,7 @@ WORKER_PATHS: dict[str, Any] = {
             ("key", "attempt", "event"), key={"type": "string"}, attempt={"type": "integer", "minimum": 1},
             event={"type": "string", "enum": ["start", "end", "output"]})}),
         {"type": "object", "properties": {"accepted": {"type": "integer"}}}),
-    "/worker/v1/leave": _op("the worker leaves; its leases end", _body(("name", "session"), name=_NAME, session=_SESSION),
+    "/worker/v1/leave": _op("the worker leaves; its leases end",
+                            _body(("name", "session"), name=_NAME, session=_SESSION),
                             {"type": "object", "properties": {"left": {"type": "boolean"}}}),
 }

@@ -15,7 +15,8 @@ Rules this module keeps:
 
 This module holds the state machine alone: what may happen to a job and when. Its neighbours:
 journal.py (every store write, batched, and every SQL statement), recovery.py (what an earlier
-daemon left), reads.py (finding jobs), runner.py and launcher.py (processes).
+daemon left), reads.py (finding jobs), runner.py and launcher.py (processes), remote.py (runs on
+workers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job
 from wmgr.jobs.notices import Notices
 from wmgr.jobs.policy import QueuePolicy
+from wmgr.jobs.remote import RemoteRuns
 from wmgr.jobs.runner import (
     JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp, remove_workdir,
     spawn_in_session,
@@ -66,7 +68,7 @@ class Counters:
         self.started = self.completed = self.failed = 0
 
 
-class JobQueue(Service):
+class JobQueue(RemoteRuns, Service):
     """Live jobs, their transitions, and the local runs that carry them out. A Service: started,
     it loads the live jobs and settles what an earlier daemon left (`ready` fires then); stopped,
     it starts nothing more and writes what it holds."""
@@ -526,41 +528,6 @@ class JobQueue(Service):
         if local:
             self.scheduler.release(job)
         self.limits.release(job.spec.get("limit_grps") or ())
-
-    # -- the seam: jobs that run elsewhere -----------------------------------------------------
-
-    def hand_out(self, capacity: Capacity, remote_run: Callable[[Job], Any], most: int = 0) -> list[Job]:
-        """Give ready jobs that fit `capacity` (a worker's free room) to a remote run each:
-        `remote_run(job)` returns a Run whose `done` fires when the worker reports the end or is
-        lost. The jobs are running (reserved until the worker reports the start) and hold their
-        limit groups; the local scheduler's own capacity is not touched."""
-        if self.paused or self.draining or not self.running:
-            return []
-        view = self.scheduler.view(capacity)
-        jobs = []
-        for job in view.pick(self.live.get, _is_ready, self._limits_permit, hand_misfits=False):
-            self.limits.take(job.spec.get("limit_grps") or ())
-            run = remote_run(job)
-            job.reset_run()
-            self.counters.started += 1
-            job.state = model.RESERVED
-            job.attempts += 1
-            job.host, job.host_ip, job.host_id = run.host, run.host_ip, run.host_id
-            job.started = self._reactor.seconds()
-            self.runs[job.key] = run
-            self._follow(job, run)
-            jobs.append(job)
-            if most and len(jobs) >= most:
-                break
-        if jobs:
-            self._save(jobs)
-        return jobs
-
-    def remote_started(self, job: Job, run: Any, pid: int, started: float) -> None:
-        """A worker reports that it started a job it was given."""
-        if self.runs.get(job.key) is run and job.state in model.ACTIVE_STATES:
-            job.pid, job.started, job.state = pid, started, model.RUNNING
-            self._save([job])
 
     def _start(self, job: Job) -> None:
         if self.scheduler.never_fits(job):

@@ -266,8 +266,9 @@ class WorkerAgent(Service):
             figures = {}
         running = {key: slot for key, slot in self.slots.items() if slot.run is not None}
         try:
-            tails = await self._in_thread(new_output, [(key, slot.run.files.out, slot.output_seen)  # type: ignore[union-attr]
-                                                       for key, slot in running.items()])
+            files = [(key, slot.run.files.out, slot.output_seen)  # type: ignore[union-attr]
+                     for key, slot in running.items()]
+            tails = await self._in_thread(new_output, files)
         except Exception:
             tails = {}
         sent = self._reactor.seconds()
@@ -407,7 +408,8 @@ class WorkerAgent(Service):
         runs = {key: slot for key, slot in self.slots.items() if slot.run is not None and slot.run.pid}
         if not runs:
             return
-        sizes = await self._in_thread(measure_trees, [slot.run.pid for slot in runs.values()])  # type: ignore[union-attr]
+        pids = [slot.run.pid for slot in runs.values()]  # type: ignore[union-attr]
+        sizes = await self._in_thread(measure_trees, pids)
         for slot in runs.values():
             run = slot.run
             assert run is not None

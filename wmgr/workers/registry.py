@@ -210,7 +210,8 @@ class Workers(Service):
                 "kill": {key: run.kill_reason for key, run in worker.leases.items() if run.kill_reason},
                 "ready": self.queue.scheduler.waiting() if worker.enabled else 0}
 
-    def pull(self, name: str, session: str, cores: float, memory: int, slots: int, most: int = 0) -> list[dict[str, Any]]:
+    def pull(self, name: str, session: str, cores: float, memory: int, slots: int,
+             most: int = 0) -> list[dict[str, Any]]:
         """Hand the worker as many ready jobs as fit its free room, each under a lease."""
         worker = self.session_of(name, session)
         worker.last_seen = self._reactor.seconds()
