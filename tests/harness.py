@@ -42,6 +42,13 @@ class Daemon:
     def url_file(self) -> Path:
         return self.data_dir / "wmgr.url"
 
+    @property
+    def http_port(self) -> int:
+        """The plain-HTTP listener's port (--http-port), from the file the daemon writes before
+        its URL file."""
+        url = (self.data_dir / "wmgr.http.url").read_text().strip()
+        return int(url.rstrip("/").rsplit(":", 1)[1])
+
     def command(self) -> list[str]:
         command = twistd_command() + ["-n", "--pidfile=", "wmgr", "--data-dir", str(self.data_dir)]
         if not any(a.startswith("--port") for a in self.args):
@@ -53,10 +60,11 @@ class Daemon:
         return command + self.args
 
     async def start(self, reactor: Any, timeout: float = 30.0) -> "Daemon":
-        try:
-            self.url_file.unlink()
-        except FileNotFoundError:
-            pass
+        for stale in (self.url_file, self.data_dir / "wmgr.http.url"):
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass
         env = dict(os.environ, **(self.env or {}))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,

@@ -165,6 +165,16 @@ async def test_malformed_requests_are_400_and_change_nothing(path: str, data: by
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_form_with_escapes_beyond_ascii_is_read_as_utf8(api: Api) -> None:
+    # Found by schemathesis: parse_qs of bytes failed (500) on a %-escape over 0x7f.
+    form = {b"Content-Type": [b"application/x-www-form-urlencoded"]}
+    code, body = await api.call("POST", "/retract-partition", data=b"=%F1%B6%B6%A8x&partition=%C2%B4", headers=form)
+    assert code == 404 and "\u00b4" in error_of(body)
+    code, body = await api.call("POST", "/retract-partition", data=b"partition=%C2", headers=form)
+    assert code == 400 and "UTF-8" in error_of(body)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_body_over_the_limit_is_refused() -> None:
     api = Api(max_body=300)
     big = dict(PUBLISH, connections=PUBLISH["connections"] * 3)

@@ -106,6 +106,7 @@ class Harness:
         queue = JobQueue(self.store, self.tmp_path / "run", self.clock, self.capacity, self.policy,
                          spawn=self.spawner, host=("testhost", "10.0.0.7"), in_thread=in_thread_now)
         queue.journal.flush_delay = 0.0  # time here moves only when a test says so
+        queue.schedule_delay = 0.0
         return queue
 
     def start(self) -> None:

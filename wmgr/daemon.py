@@ -61,6 +61,9 @@ log = Logger()
 URL_FILE = "wmgr.url"
 LISTEN_BACKLOG = 1024
 WORKER_IDLE_TIMEOUT = 8.0
+# The plain-HTTP listener's URL, when there is one: written before URL_FILE, so a script that
+# waits for URL_FILE finds it too.
+HTTP_URL_FILE = "wmgr.http.url"
 
 
 def guarded(name: str, body: Callable[[], Any]) -> Callable[[], Deferred[None]]:
@@ -224,6 +227,9 @@ class WmgrService(MultiService):
                                                       interface=config.interface), site)
 
         self.url = f"https://{url_host(config.interface)}:{self.port}/"
+        if self.http_port is not None:
+            http_url = f"http://{url_host(config.interface)}:{self.http_port}/"
+            write_public(self.data_dir / HTTP_URL_FILE, http_url.encode() + b"\n")
         write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")
         self._announce(first_start)
 
@@ -301,10 +307,11 @@ class WmgrService(MultiService):
         for service in reversed(list(self)):
             if service.running:
                 await maybeDeferred(service.stopService)
-        try:
-            (self.data_dir / URL_FILE).unlink()
-        except FileNotFoundError:
-            pass
+        for name in (URL_FILE, HTTP_URL_FILE):
+            try:
+                (self.data_dir / name).unlink()
+            except FileNotFoundError:
+                pass
         log.info("wmgr stopped; every write is committed")
         # twistd ends the process by re-raising the signal that stopped the reactor, which makes a
         # SIGTERM exit with status -15. SIGTERM is how wmgr is meant to be stopped, and a clean

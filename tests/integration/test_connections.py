@@ -45,16 +45,9 @@ EXPECTED = [
 ]
 
 
-def http_port(daemon: Daemon) -> int:
-    for line in reversed(daemon.log().splitlines()):
-        if "plain HTTP" in line:
-            return int(line.rsplit(":", 1)[1].strip().strip("/"))
-    raise AssertionError(f"no plain-HTTP listener in the log:\n{daemon.log()}")
-
-
 def plain(reactor: Any, daemon: Daemon) -> Client:
     """A client of the plain-HTTP listener that sends no token and a new connection per call."""
-    return Client(reactor, f"http://127.0.0.1:{http_port(daemon)}/", None, None, persistent=False)
+    return Client(reactor, f"http://127.0.0.1:{daemon.http_port}/", None, None, persistent=False)
 
 
 async def curl(*args: str, cwd: Path) -> tuple[str, str]:
@@ -72,7 +65,7 @@ async def open_daemon(make_daemon: Any, config: str = OPEN, name: str = "data") 
 async def test_the_seed_curl_examples_over_plain_http_when_open(make_daemon: Any, reactor: Any, tmp_path: Path) -> None:
     daemon = await open_daemon(make_daemon)
     (tmp_path / "publish.json").write_text(PUBLISH_JSON)
-    base = f"http://127.0.0.1:{http_port(daemon)}"
+    base = f"http://127.0.0.1:{daemon.http_port}"
     out, _ = await curl("-d", "@publish.json", "-H", "content-type: application/json", f"{base}/publish", cwd=tmp_path)
     assert out == "OK"
     out, _ = await curl("-d", '{"uid_regex":"DRO.*","data_type":"TPSet"}', "-H", "content-type: application/json",
@@ -103,7 +96,7 @@ async def test_the_seed_curl_examples_with_the_token_over_https_when_closed(make
                         f"{url}/retract-partition", cwd=tmp_path)
     assert out.endswith(" 401") and "token" in out
     out, _ = await curl("-w", " %{http_code}", "-d", "partition=ccTest",
-                        f"http://127.0.0.1:{http_port(daemon)}/retract-partition", cwd=tmp_path)
+                        f"http://127.0.0.1:{daemon.http_port}/retract-partition", cwd=tmp_path)
     assert out.endswith(" 401")
     out, _ = await curl(*auth, "-d", '{"uid_regex":"DRO.*","data_type":"TPSet"}', f"{url}/getconnection/ccTest",
                         cwd=tmp_path)
@@ -268,7 +261,7 @@ async def test_large_replies_over_both_listeners(make_daemon: Any, reactor: Any)
     connections = [{"uid": f"DRO-{i:06d}-tp_to_trigger", "uri": f"tcp://192.168.1.100:{1024 + i}",
                     "data_type": "TPSet", "connection_type": 0} for i in range(5000)]
     client = plain(reactor, daemon)
-    kept_alive = Client(reactor, f"http://127.0.0.1:{http_port(daemon)}/", None, None)
+    kept_alive = Client(reactor, f"http://127.0.0.1:{daemon.http_port}/", None, None)
     https = daemon.client(reactor)
     try:
         await client.post("/publish", {"partition": "big", "connections": connections})

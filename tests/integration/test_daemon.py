@@ -182,11 +182,8 @@ async def test_plain_http_listener_serves_with_the_same_token(make_daemon, react
     from wmgr.client import Client
 
     d = await make_daemon("--http-port", "0")
-    port = None
-    for line in d.log().splitlines():
-        if "plain HTTP" in line:
-            port = line.rsplit(":", 1)[1].strip().strip("/")
-    assert port, d.log()
+    port = d.http_port
+    assert (d.data_dir / "wmgr.http.url").read_text() == f"http://localhost:{port}/\n"
     token = (d.data_dir / "client.token").read_text().strip()
     plain = Client(reactor, f"http://127.0.0.1:{port}/", None, token)
     try:

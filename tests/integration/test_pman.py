@@ -35,21 +35,13 @@ def the_reactor() -> Any:
     return reactor
 
 
-def http_port(daemon: Daemon) -> int:
-    # The last one: a restarted daemon appends to the same log.
-    for line in reversed(daemon.log().splitlines()):
-        if "plain HTTP" in line:
-            return int(line.rsplit(":", 1)[1].strip().strip("/"))
-    raise AssertionError(f"no plain-HTTP listener in the log:\n{daemon.log()}")
-
-
 class Pman:
     """A pman client over plain HTTP that sends what pfurl sends: JSON labelled as a form, and
     `Authorization: bearer` in lower case."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.port = http_port(daemon)
+        self.port = daemon.http_port
         self.token = (daemon.data_dir / "client.token").read_text().strip()
         self.client = Client(the_reactor(), f"http://127.0.0.1:{self.port}/", None, self.token)
 

@@ -59,13 +59,6 @@ def services_config(tmp_path: Path, auth: str = "basic digest") -> str:
             f"[service:hung]\nscript = {hung}\n")
 
 
-def http_port(daemon: Any) -> int:
-    for line in daemon.log().splitlines():
-        if "plain HTTP" in line:
-            return int(line.rsplit(":", 1)[1].strip().strip("/"))
-    raise AssertionError(daemon.log())
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -218,7 +211,7 @@ def digest_header(challenge: str, uri: str, nc: int) -> str:
 @pytest_twisted.ensureDeferred
 async def test_basic_and_digest_on_both_listeners(start_daemon, reactor, tmp_path):
     daemon = await start_daemon("--http-port", "0", config=services_config(tmp_path))
-    plain = f"http://127.0.0.1:{http_port(daemon)}"
+    plain = f"http://127.0.0.1:{daemon.http_port}"
     tls = daemon.url.rstrip("/")
     ca = str(daemon.data_dir / "ca.pem")
     for base, extra in ((plain, []), (tls, ["--cacert", ca])):
@@ -254,7 +247,7 @@ async def test_basic_and_digest_on_both_listeners(start_daemon, reactor, tmp_pat
 async def test_the_seeds_curl_examples(start_daemon, reactor, tmp_path):
     # The seed's examples send no credentials: the original's "none" configuration.
     daemon = await start_daemon("--http-port", "0", config=services_config(tmp_path, auth="none"))
-    base = f"http://127.0.0.1:{http_port(daemon)}"
+    base = f"http://127.0.0.1:{daemon.http_port}"
     try:
         code, headers, body = await curl(base + "/services")
         assert (code, headers["content-type"]) == (200, "application/json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Any, Callable, Optional
 
@@ -14,6 +15,9 @@ from wmgr.jobs import model
 from wmgr.jobs.queue import JobQueue
 from wmgr.servers import BadServers
 from wmgr.uploads import Uploads
+
+
+_key_and_state = operator.attrgetter("key", "state")
 
 
 class WrAPI:
@@ -62,25 +66,18 @@ class WrAPI:
         body = read_json(request)
         if not isinstance(body, list):
             raise InvalidRequest("the body must be a JSON array of job objects")
-        specs = []
-        for index, raw in enumerate(body):
-            try:
-                spec = model.parse_spec(raw, defaults)
-                rerun = rerun or bool(spec.get("rerun"))
-                spec = model.normalise(spec)
-            except InvalidRequest as e:
-                raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
-            specs.append(spec)
+        specs, rerun_asked = model.parse_specs(body, defaults)
+        rerun = rerun or rerun_asked
         # The reply for jobs that are all new is encoded while the store commits them; it is used
         # if they are what the queue answers with, in the states they were encoded in.
         prepared: list[Any] = []
 
         def prepare(new_jobs: list[model.Job]) -> None:
-            prepared[:] = [[(job.key, job.state) for job in new_jobs],
+            prepared[:] = [list(map(_key_and_state, new_jobs)),
                            model.statuses_json([(job, 0) for job in new_jobs], time.time())]
 
         jobs = await self.queue.add(specs, rerun=rerun, while_committing=prepare)
-        if prepared and prepared[0] == [(job.key, job.state) for job in jobs]:
+        if prepared and prepared[0] == list(map(_key_and_state, jobs)):
             body = prepared[1]
         else:
             body = model.statuses_json([(job, 0) for job in jobs], time.time())

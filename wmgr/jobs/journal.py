@@ -129,12 +129,20 @@ class Journal:
         self._durable = self._durable or durable
         return waiter
 
+    def mark(self, jobs: Iterable[Job]) -> None:
+        """save() for changes nobody waits for (a job started, running): no Deferred per call.
+        A failure to write them is logged and reported to on_failure all the same."""
+        for job in jobs:
+            self._dirty[job.key] = job
+        if self._call is None:
+            self._call = self._reactor.callLater(self.flush_delay, self.flush)
+
     def flush(self) -> None:
         """Send the saves gathered so far to the store as one operation."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        if not self._waiters:
+        if not self._waiters and not self._dirty:
             return
         changes = []
         for job in self._dirty.values():

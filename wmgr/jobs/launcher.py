@@ -11,8 +11,16 @@ Nothing is lost if the launcher dies: jobs are session leaders writing to files,
 on; the runs it had started are then watched by pid and settled from their status files, and a
 new launcher takes over new starts.
 
-Requests:  {"id": 7, "argv": [...], "env": {...} | null, "extra": {...}, "stdio": [in, out, err]}
-Events:    {"id": 7, "pid": 1234} | {"id": 7, "error": "..."} | {"pid": 1234, "status": 0, "cpu": 0.01}
+It also does the per-job file work that needs nothing of the daemon's state, so that the
+reactor does not: it makes the job's directories, removes a status file left by an earlier
+attempt, reads the bounded output once the job has ended (sent with its end), and removes the
+job's directory, and later (once the daemon has committed the end) its run files.
+
+Requests:  {"id": 7, "argv": [...], "env": {...} | null, "extra": {...}, "stdio": [in, out, err],
+            "fresh": rc, "read": limit, "make": [...], "remove": dir}   ("fresh" and after optional)
+           {"unlink": [path, ...]}
+Events:    {"id": 7, "pid": 1234} | {"id": 7, "error": "..."}
+           | {"pid": 1234, "status": 0, "cpu": 0.01, "out": "...", "err": "..."}  (out, err: if not empty)
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import signal
 import sys
 import threading
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import error
@@ -74,6 +82,35 @@ def make_job_dirs(base: str, parent: str, root: str, cwd: str, tmp: str) -> None
     os.mkdir(tmp)
 
 
+def read_bounded(path: str, limit: int) -> str:
+    """The first and last `limit` bytes of a file, with a marker saying how much was left out."""
+    try:
+        if os.stat(path).st_size == 0:
+            return ""  # most jobs write nothing to one stream or both: a stat instead of an open
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= 2 * limit:
+                data = f.read()
+            else:
+                head = f.read(limit)
+                f.seek(size - limit)
+                tail = f.read(limit)
+                data = head + f"\n... [{size - 2 * limit} bytes omitted] ...\n".encode() + tail
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # not ours to fail on: the daemon's recovery tidies what is left
+            sys.stderr.write(f"could not remove {path}: {e}\n")
+
+
 # -- the launcher process ------------------------------------------------------------------------
 
 
@@ -87,13 +124,24 @@ def main() -> None:
     children = threading.Condition()
     running = [0]
     removals: dict[int, str] = {}  # pid -> the directory to remove once it has ended
+    outputs: dict[int, tuple[str, str, int]] = {}  # pid -> (stdout, stderr, limit) to read at its end
     # Jobs that must not outlive the daemon (a worker's pulled jobs: once the worker is gone the
     # manager gives them to another, so one left running here would run twice at once).
     tied: set[int] = set()
 
-    def write(event: dict[str, Any]) -> None:
-        out.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
-        out.flush()
+    # Events wait here (under `lock`) and are written together: the starts of one batch of
+    # requests in one write, the ends reaped together in one. Each write wakes the daemon's
+    # reactor for a turn of its own, so fewer writes are less of its time per job.
+    pending: list[bytes] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        pending.append(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+
+    def flush() -> None:
+        if pending:
+            out.write(b"".join(pending))
+            out.flush()
+            pending.clear()
 
     def reap() -> None:
         while True:
@@ -101,62 +149,120 @@ def main() -> None:
                 while running[0] == 0:
                     children.wait()
             try:
-                pid, status, usage = os.wait4(-1, 0)
+                ended = [os.wait4(-1, 0)]
             except ChildProcessError:
                 continue
+            while True:  # the others that have ended meanwhile: reported together
+                try:
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if not pid:
+                    break
+                ended.append((pid, status, usage))
             with children:
-                running[0] -= 1
+                running[0] -= len(ended)
             with lock:  # held by the spawn until its removal is registered
-                tied.discard(pid)
-                directory = removals.pop(pid, None)
-                write({"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
+                found = [(removals.pop(pid, None), outputs.pop(pid, None)) for pid, _, _ in ended]
+                tied.difference_update(pid for pid, _, _ in ended)
+            events = []
+            for (pid, status, usage), (_, output) in zip(ended, found):
+                event = {"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
+                if output is not None:
+                    # Read here, not by the daemon: two stats (and, rarely, reads) per job off the
+                    # reactor. Outside the lock: it holds up no start.
+                    stdout, stderr, limit = output
+                    text = read_bounded(stdout, limit)
+                    if text:
+                        event["out"] = text
+                    text = read_bounded(stderr, limit)
+                    if text:
+                        event["err"] = text
+                events.append(event)
+            with lock:  # after any start still pending: a process is reported started first
+                for event in events:
+                    emit(event)
+                flush()
             # After the end is reported, so that it is not held up (a job whose directory is to go
             # has no behaviours that could still need it, and a retry gets a new directory).
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+            for directory, _ in found:
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+
+    def handle(line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            if "unlink" in request:
+                # Run files whose end the daemon has committed (see Launcher.remove_later).
+                _unlink_all(request["unlink"])
+                return
+            env = request["env"] if request["env"] is not None else base_env.copy()
+            env.update(request["extra"])
+            stdin, stdout, stderr = request["stdio"]
+            if "make" in request:
+                make_job_dirs(*request["make"])
+            if "fresh" in request:
+                # A status file left by an earlier run must not be taken for this one's.
+                try:
+                    os.unlink(request["fresh"])
+                except FileNotFoundError:
+                    pass
+            pid = os.posix_spawn(
+                request["argv"][0], request["argv"], env,
+                file_actions=stdio_actions(stdin, stdout, stderr),
+                setsid=True, setsigdef=ignored,
+            )
+        except Exception as e:
+            # Whatever one request makes posix_spawn (or its arguments) raise -- E2BIG, a NUL
+            # byte or a lone surrogate in a value, a malformed request -- fails that job only.
+            emit({"id": _request_id(line), "error": _describe(e)})
+            return
+        if request.get("remove"):
+            removals[pid] = request["remove"]
+        if "read" in request:
+            outputs[pid] = (stdout, stderr, request["read"])
+        if request.get("tied"):
+            tied.add(pid)
+        with children:
+            running[0] += 1
+            children.notify()
+        emit({"id": request["id"], "pid": pid})
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
-    daemon = os.getppid()
-    for line in sys.stdin.buffer:
-        if os.getppid() != daemon:
-            # The daemon died (kill -9) with requests still in the pipe. Starting them now could
-            # run a job twice: the next daemon queues again what it finds no trace of.
-            break
-        # The lock is held from the spawn until its pid is reported, so that a process that ends
-        # at once is never reported ended before it is reported started.
+    try:
+        serve(handle, lock, flush)
+    finally:
+        # The daemon has gone (stopped, or killed: either way our stdin ends).
         with lock:
-            try:
-                request = json.loads(line)
-                env = request["env"] if request["env"] is not None else base_env.copy()
-                env.update(request["extra"])
-                stdin, stdout, stderr = request["stdio"]
-                if "make" in request:
-                    make_job_dirs(*request["make"])
-                pid = os.posix_spawn(
-                    request["argv"][0], request["argv"], env,
-                    file_actions=stdio_actions(stdin, stdout, stderr),
-                    setsid=True, setsigdef=ignored,
-                )
-            except Exception as e:
-                # Whatever one request makes posix_spawn (or its arguments) raise -- E2BIG, a NUL
-                # byte or a lone surrogate in a value, a malformed request -- fails that job only.
-                write({"id": _request_id(line), "error": _describe(e)})
+            for pid in tied:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def serve(handle: Any, lock: Any, flush: Any) -> None:
+    """Read requests from stdin until the daemon goes."""
+    daemon = os.getppid()
+    rest = b""
+    while True:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            break
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            if os.getppid() != daemon:
+                # The daemon died (kill -9) with requests still in the pipe. Starting them now
+                # could run a job twice: the next daemon queues again what it finds no trace of.
+                return
+            if not line:
                 continue
-            if request.get("remove"):
-                removals[pid] = request["remove"]
-            if request.get("tied"):
-                tied.add(pid)
-            with children:
-                running[0] += 1
-                children.notify()
-            write({"id": request["id"], "pid": pid})
-    # The daemon has gone (stopped, or killed: either way our stdin ends).
-    with lock:
-        for pid in tied:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            # The lock is held from the spawn until its pid is queued for reporting, so that a
+            # process that ends at once is never reported ended before it is reported started.
+            with lock:
+                handle(line)
+        with lock:
+            flush()
 
 
 def _request_id(line: bytes) -> Optional[int]:
@@ -191,13 +297,17 @@ class LaunchedProcess:
     first the process is an orphan: whoever watches it by pid calls end() with what its status
     file says."""
 
-    def __init__(self, protocol: Any) -> None:
+    def __init__(self, protocol: Any, launcher: Optional["Launcher"] = None) -> None:
         self.proto = protocol
+        self.launcher = launcher  # who can remove the run's files later (Launcher.remove_later)
         self.pid: int = 0
         self.rusage: Optional[Usage] = None
         self.ended = False
         self.orphaned = False
         self.removes_workdir = False
+        self.reads_output = False
+        # (stdout, stderr) as the launcher read them at the end; None: not read (the caller reads)
+        self.outputs: Optional[tuple[str, str]] = None
 
     def started(self, pid: int) -> None:
         self.pid = pid
@@ -210,12 +320,14 @@ class LaunchedProcess:
         self.ended = True
         self.proto.startFailed(why)
 
-    def end(self, status: Optional[int], cpu: float = 0.0) -> None:
-        """status: as from wait4; None when it is not known how the process ended."""
+    def end(self, status: Optional[int], cpu: float = 0.0, outputs: Optional[tuple[str, str]] = None) -> None:
+        """status: as from wait4; None when it is not known how the process ended. outputs: the
+        bounded stdout and stderr, when the launcher read them."""
         if self.ended:
             return
         self.ended = True
         self.rusage = Usage(cpu)
+        self.outputs = outputs
         reason: BaseException
         if status is None:
             reason = error.ProcessTerminated(None, None, None)
@@ -286,6 +398,8 @@ class Launcher:
         self._protocol: Optional[LauncherProtocol] = None
         self._stopping = False
         self.restarts = 0
+        self._unlinks: list[str] = []
+        self._unlink_call: Any = None
 
     def start(self) -> None:
         self._stopping = False
@@ -297,22 +411,29 @@ class Launcher:
 
     def stop(self) -> None:
         """Close the launcher's stdin: it exits, and the jobs it started carry on."""
+        if self._unlink_call is not None and self._unlink_call.active():
+            self._unlink_call.cancel()
+            self._send_unlinks()
         self._stopping = True
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.closeStdin()
 
     def spawn(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
               extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
-              make: tuple[str, ...] = (), tied: bool = False) -> LaunchedProcess:
+              make: tuple[str, ...] = (), fresh: Optional[str] = None, read: Optional[int] = None,
+              tied: bool = False) -> LaunchedProcess:
         """Ask for a process; the returned transport connects its protocol once it runs.
         `remove`: a directory the launcher removes once the process has ended and it has said so
         (a job's own directory: per-job work that needs nothing of the daemon's state); `make`: the
         job's (base, parent, root, cwd, tmp) directories, made by the launcher just before the start;
+        `fresh`: a file removed before the start (an earlier run's status file); `read`: read the
+        first and last `read` bytes of stdout and stderr at the end (the transport's `outputs`);
         `tied`: the launcher kills the process group when the daemon goes (stopped or killed)."""
         if self._protocol is None or self._protocol.transport is None:
             raise OSError("the job launcher is not running")
-        process = LaunchedProcess(protocol)
+        process = LaunchedProcess(protocol, self)
         process.removes_workdir = remove is not None
+        process.reads_output = read is not None
         ident = next(self._ids)
         self._starting[ident] = process
         request = {"id": ident, "argv": [executable, *argv[1:]], "env": env, "extra": extra, "stdio": list(stdio)}
@@ -320,10 +441,29 @@ class Launcher:
             request["remove"] = remove
         if make:
             request["make"] = list(make)
+        if fresh is not None:
+            request["fresh"] = fresh
+        if read is not None:
+            request["read"] = read
         if tied:
             request["tied"] = True
         self._protocol.transport.write(compactjson.dumps(request).encode() + b"\n")
         return process
+
+    def remove_later(self, paths: Iterable[str]) -> None:
+        """Have the launcher remove these files; the removals asked for in one reactor turn go as
+        one request. If the launcher is not running they are removed here."""
+        self._unlinks.extend(paths)
+        if self._unlink_call is None:
+            self._unlink_call = self._reactor.callLater(0, self._send_unlinks)
+
+    def _send_unlinks(self) -> None:
+        self._unlink_call = None
+        paths, self._unlinks = self._unlinks, []
+        if self._stopping or self._protocol is None or self._protocol.transport is None:
+            _unlink_all(paths)
+        else:
+            self._protocol.transport.write(compactjson.dumps({"unlink": paths}).encode() + b"\n")
 
     def event(self, event: dict[str, Any]) -> None:
         if "id" in event:
@@ -339,7 +479,8 @@ class Launcher:
         else:
             process = self._running.pop(event["pid"], None)
             if process is not None:
-                process.end(event["status"], event["cpu"])
+                process.end(event["status"], event["cpu"],
+                            (event.get("out", ""), event.get("err", "")) if process.reads_output else None)
 
     def died(self, reason: Failure) -> None:
         self._protocol = None
@@ -393,6 +534,7 @@ class LauncherPool(Service):
         return launcher.spawn(*args, **kw)
 
     spawn.makes_workspace = True  # type: ignore[attr-defined]  # see runner.prepare_workspace
+    spawn.handles_run_files = True  # type: ignore[attr-defined]  # takes fresh= and read= (see JobRun.start)
     spawn.ties = True  # type: ignore[attr-defined]  # takes tied=True (see Launcher.spawn)
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
+from json.encoder import encode_basestring_ascii as _esc
 from typing import Any, Iterable, Mapping, Optional
 
 import farmhash
 
+from wmgr.compactjson import dumps as _dumps
 from wmgr.errors import InvalidRequest
 from wmgr.jobs.limits import parse_limit_groups
 
@@ -372,6 +375,104 @@ def normalise(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def parse_specs(body: list[Any], defaults: Mapping[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """Every job object of a POST as parse_spec and normalise leave it (errors name the job's
+    index); also whether any asked to rerun.
+
+    A job given as {"cmd": "..."} alone (the usual shape: the other properties come as query
+    defaults) takes a fast path: the defaults are checked and normalised once, and each such job
+    is a copy of that template with its own cmd and, unless the defaults set one, the req_grp its
+    cmd implies: the same spec, with the same keys in the same order, as the general path makes."""
+    template = _simple_template(defaults)
+    derive_req_grp = not defaults.get("req_grp")
+    encoded = _encoded_template(template, derive_req_grp) if template is not None else None
+    template_rerun = bool(defaults.get("rerun"))
+    cmd_parser = PARSERS["cmd"]
+    specs = []
+    rerun = False
+    for index, raw in enumerate(body):
+        try:
+            if template is not None and raw.__class__ is dict and len(raw) == 1 and "cmd" in raw:
+                cmd = raw["cmd"]
+                if cmd is not None:
+                    cmd = cmd_parser(cmd)
+                if not cmd or not cmd.strip():
+                    raise InvalidRequest("cmd was not specified")
+                spec = EncodedSpec(template) if encoded is not None else template.copy()
+                spec["cmd"] = cmd
+                rerun = rerun or template_rerun
+                if derive_req_grp:
+                    words = cmd.split(None, 1)
+                    first = words[0] if words else ""
+                    req_grp = spec["req_grp"] = first[first.rfind("/") + 1:]
+                if encoded is not None:
+                    if derive_req_grp:
+                        values = (cmd, req_grp) if encoded[0] else (req_grp, cmd)
+                        spec.json = encoded[1] + _esc(values[0]) + encoded[2] + _esc(values[1]) + encoded[3]
+                    else:
+                        spec.json = encoded[1] + _esc(cmd) + encoded[2]
+            else:
+                spec = parse_spec(raw, defaults)
+                rerun = rerun or bool(spec.get("rerun"))
+                spec = normalise(spec)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
+        specs.append(spec)
+    return specs, rerun
+
+
+class EncodedSpec(dict):
+    """A spec that also carries its stored JSON text (`json`), made from a template while the
+    POST was parsed; `stored_json` hands it over once. Otherwise a dict like any other."""
+
+    __slots__ = ("json",)  # set as soon as it is made (no __init__: one per job of a big add)
+
+
+def stored_json(spec: dict[str, Any]) -> str:
+    """The spec's JSON as stored: compactjson.dumps(spec), or the same text made in advance."""
+    if spec.__class__ is EncodedSpec and spec.json is not None:
+        text, spec.json = spec.json, None  # once: nothing keeps the text alive afterwards
+        return text
+    return _dumps(spec)
+
+
+_CMD_MARK, _REQ_GRP_MARK = "\x00wmgr-cmd\x00", "\x00wmgr-req-grp\x00"
+
+
+def _encoded_template(template: dict[str, Any], req_grp_varies: bool) -> Optional[tuple[Any, ...]]:
+    """compactjson.dumps(template) cut where cmd (and req_grp, if it varies) go: (cmd first?,
+    text before the first, between, after), so that a job's JSON is three concatenations."""
+    marked = dict(template, cmd=_CMD_MARK)
+    if req_grp_varies:
+        marked["req_grp"] = _REQ_GRP_MARK
+    text = _dumps(marked)
+    cmd_mark, req_grp_mark = _esc(_CMD_MARK), _esc(_REQ_GRP_MARK)
+    if text.count(cmd_mark) != 1 or text.count(req_grp_mark) != (1 if req_grp_varies else 0):
+        return None  # a default that happens to hold a mark: no shortcut
+    if not req_grp_varies:
+        before, after = text.split(cmd_mark)
+        return (True, before, after)
+    cmd_first = text.index(cmd_mark) < text.index(req_grp_mark)
+    first, second = (cmd_mark, req_grp_mark) if cmd_first else (req_grp_mark, cmd_mark)
+    before, rest = text.split(first)
+    between, after = rest.split(second)
+    return (cmd_first, before, between, after)
+
+
+def _simple_template(defaults: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The normalised spec of a job {"cmd": <any>} under these defaults, or None when there is no
+    such shortcut: the defaults do not normalise (the general path then says why, for the right
+    job), or hold lists or objects (each job must have its own)."""
+    if any(value.__class__ not in (str, int, float, bool) for value in defaults.values()):
+        return None
+    spec = dict(defaults)
+    spec["cmd"] = "x"
+    try:
+        return normalise(spec)
+    except InvalidRequest:
+        return None
+
+
 def job_key(spec: Mapping[str, Any]) -> str:
     """wr's key: FarmHash Fingerprint128 of cmd (and cwd when it matters), as 32 hex digits.
 
@@ -414,6 +515,10 @@ RUN_FIELDS: dict[str, Any] = {
     "delay_until": None,  # when a delayed job becomes ready again
     "memory_floor": 0,  # MB a retry after a RAM failure asks for at least
 }
+
+
+_RUN_NAMES = tuple(RUN_FIELDS)
+_run_values = operator.attrgetter(*RUN_FIELDS)
 
 
 class Job:
@@ -476,7 +581,7 @@ class Job:
         return (self.spec["rep_grp"], self.state, self.exitcode, self.fail_reason)
 
     def run_record(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in RUN_FIELDS}
+        return dict(zip(_RUN_NAMES, _run_values(self)))
 
     def restore_run(self, record: Mapping[str, Any]) -> None:
         for name, value in record.items():
@@ -484,11 +589,22 @@ class Job:
                 setattr(self, name, value)
 
     def reset_run(self) -> None:
-        kept = {name: getattr(self, name) for name in ("attempts", "failures", "memory_floor")}
-        for name, value in RUN_FIELDS.items():
-            setattr(self, name, value)
-        for name, value in kept.items():
-            setattr(self, name, value)
+        """Back to RUN_FIELDS' values, but for attempts, failures and memory_floor (assigned
+        directly, as in __init__: this runs once per job start; a test holds it to RUN_FIELDS)."""
+        self.pid = 0
+        self.host = ""
+        self.host_ip = ""
+        self.started = None
+        self.ended = None
+        self.exited = False
+        self.exitcode = 0
+        self.fail_reason = ""
+        self.peak_ram = 0
+        self.cpu_time = 0.0
+        self.actual_cwd = ""
+        self.home_changed = False
+        self.kill_reason = ""
+        self.delay_until = None
         self.stdout = self.stderr = ""
 
     def walltime(self, now: float) -> float:

@@ -39,7 +39,7 @@ from wmgr.jobs.deps import DependencyIndex
 from wmgr.jobs.journal import Journal, dumps, row_to_job
 from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
 from wmgr.jobs.limits import LimitGroups, parse_limit_groups
-from wmgr.jobs.model import Job
+from wmgr.jobs.model import Job, stored_json
 from wmgr.jobs.notices import Notices
 from wmgr.jobs.policy import QueuePolicy
 from wmgr.jobs.remote import RemoteRuns
@@ -74,6 +74,11 @@ class JobQueue(RemoteRuns, Service):
     it starts nothing more and writes what it holds."""
 
     name = "queue"
+
+    # How long the scheduling pass after a run's end waits, so that the ends of that moment
+    # share one pass: under a stream of short jobs each end otherwise had a reactor turn, a
+    # pass and a write to a launcher of its own. Other passes (adds, user actions) go at once.
+    schedule_delay = 0.002
 
     def __init__(self, store: Store, run_dir: Path, reactor: Any, capacity: Capacity,
                  policy: Optional[QueuePolicy] = None, spawn: Callable[..., Any] = spawn_in_session,
@@ -201,19 +206,20 @@ class JobQueue(RemoteRuns, Service):
     def _index_new(self, jobs: list[Job]) -> None:
         """_index for jobs just added (in seq order), in bulk: an add of 100,000 jobs spent a
         tenth of its time indexing them one by one."""
+        live, by_rep_grp = self.live, self.by_rep_grp
         for job in jobs:
-            job.stored = job.group_key
-            old = self.live.get(job.key)
+            key, spec = job.key, job.spec
+            rep_grp = spec["rep_grp"]
+            job.stored = (rep_grp, job.state, job.exitcode, job.fail_reason)  # job.group_key
+            old = live.get(key)
             if old is not None:
                 self._unindex(old)  # the completed job it runs again
-        self.live.update((job.key, job) for job in jobs)
-        by_rep_grp = self.by_rep_grp
-        for job in jobs:
-            group = by_rep_grp.get(job.spec["rep_grp"])
+            live[key] = job
+            group = by_rep_grp.get(rep_grp)
             if group is None:
-                group = by_rep_grp[job.spec["rep_grp"]] = {}
-            group[job.key] = None
-            if "dep_grps" in job.spec or "deps" in job.spec:
+                group = by_rep_grp[rep_grp] = {}
+            group[key] = None
+            if "dep_grps" in spec or "deps" in spec:
                 self.deps.add(job)
         self.scheduler.push_new([job for job in jobs if job.state == model.READY])
 
@@ -255,19 +261,29 @@ class JobQueue(RemoteRuns, Service):
             candidates.setdefault(model.job_key(spec), spec)
 
         # Keys being added by a request still committing count as queued: wait for it to land.
-        for key in list(candidates):
-            pending = self._adding.get(key)
-            if pending is not None:
-                await _quietly(pending)
+        if self._adding:
+            for key in list(candidates):
+                pending = self._adding.get(key)
+                if pending is not None:
+                    await _quietly(pending)
         new_jobs = []
+        # What learning expects of a job depends on four of its values: asked once per distinct
+        # four within an add (as _learn_expectations does per job).
+        expectations: dict[tuple[Any, ...], tuple[int, float]] = {}
+        expected = self.learner.expected
+        live_jobs = self.live
         for key, spec in candidates.items():
             # A job that has just completed stays in memory until its end is committed; it is a
             # completed job all the same (left alone, or run again with rerun).
-            live = self.live.get(key)
+            live = live_jobs.get(key)
             if live is None or live.state == model.COMPLETE:
                 self._seq += 1
                 job = Job(key, spec, model.READY, self._seq)
-                self._learn_expectations(job)
+                shape = (spec["req_grp"], spec["memory"], spec["time"], spec.get("override", 0))
+                found = expectations.get(shape)
+                if found is None:
+                    found = expectations[shape] = expected(*shape)
+                job.expected_ram, job.expected_time = found
                 new_jobs.append(job)
         if any(job.spec.get("deps") for job in new_jobs):
             self.deps.check_acyclic([*self.live.values(), *new_jobs])
@@ -281,11 +297,10 @@ class JobQueue(RemoteRuns, Service):
                 self.deps.remove(job)
 
         now = self._reactor.seconds()
-        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, dumps(job.spec), now, job.spec.get("deps") or ())
+        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, stored_json(job.spec), now, job.spec.get("deps") or ())
                 for job in new_jobs]
         committed: Deferred[Any] = self.journal.insert(rows, rerun, limits)
-        for job in new_jobs:
-            self._adding[job.key] = committed
+        self._adding.update(dict.fromkeys([row[0] for row in rows], committed))
         if while_committing is not None:
             while_committing(new_jobs)
         try:
@@ -302,8 +317,7 @@ class JobQueue(RemoteRuns, Service):
         if groups:
             await self._hold_back(groups)
         self._reschedule()
-        return [self.live[key] for key in candidates
-                if key in self.live and self.live[key].state != model.COMPLETE]
+        return [job for job in map(self.live.get, candidates) if job is not None and job.state != model.COMPLETE]
 
     async def _hold_back(self, groups: set[str]) -> None:
         """New jobs joined these groups: jobs waiting for the groups wait again (live
@@ -508,10 +522,11 @@ class JobQueue(RemoteRuns, Service):
 
     # -- running -------------------------------------------------------------------------------
 
-    def _reschedule(self) -> None:
-        """Ask for a scheduling pass soon; many events in one reactor turn share one pass."""
+    def _reschedule(self, delay: float = 0.0) -> None:
+        """Ask for a scheduling pass soon; many events in one reactor turn (or in `delay`)
+        share one pass."""
         if self.running and self._schedule_call is None:
-            self._schedule_call = self._reactor.callLater(0, self._schedule)
+            self._schedule_call = self._reactor.callLater(delay, self._schedule)
 
     def _schedule(self) -> None:
         self._schedule_call = None
@@ -570,17 +585,17 @@ class JobQueue(RemoteRuns, Service):
         job.actual_cwd = workspace.relative_cwd
         job.home_changed = workspace.home_changed
         self.runs[job.key] = run
-        self._save([job])
+        self.journal.mark([job])
         self._follow(job, run)
 
     def _started(self, job: Job, run: Any, pid: int) -> None:
         if self.runs.get(job.key) is run and job.state == model.RESERVED:
             job.pid = pid
             job.state = model.RUNNING
-            self._save([job])
+            self.journal.mark([job])
 
     def _follow(self, job: Job, run: Any) -> None:
-        run.done.addCallback(lambda result: ensureDeferred(self._run_ended(result, job, run)))
+        run.done.addCallback(self._run_ended, job, run)
         run.done.addErrback(lambda f: log.failure("the end of job {key} could not be recorded", f, key=job.key))
 
     def _end_without_run(self, job: Job, reason: str, detail: str = "") -> None:
@@ -590,20 +605,30 @@ class JobQueue(RemoteRuns, Service):
         job.stderr = detail
         self._save([job])
 
-    async def _run_ended(self, result: RunResult, job: Job, run: Any) -> None:
+    def _run_ended(self, result: RunResult, job: Job, run: Any) -> Deferred[None]:
+        """A run has ended: record it; fires once its end is committed and followed up. Without
+        behaviours (nearly every job) this is plain callbacks, not a coroutine: it runs once per
+        job on the reactor."""
         succeeded = result.exitcode == 0 and not result.kill_reason and not result.lost
         behaviours = behaviours_for(job.spec, succeeded)
-        remove = False
         if behaviours and run.workspace is not None:
-            workspace = run.workspace
-            root = os.path.dirname(workspace.cwd) if workspace.tmp else None
-            outcome = await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root,
-                                           workspace.base)
-            remove = outcome.remove
+            return ensureDeferred(self._behave_then_end(result, job, run, behaviours))
+        return self._end(result, job, run, behaviours, False)
+
+    async def _behave_then_end(self, result: RunResult, job: Job, run: Any, behaviours: Any) -> None:
+        workspace = run.workspace
+        root = os.path.dirname(workspace.cwd) if workspace.tmp else None
+        outcome = await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root,
+                                       workspace.base)
+        await self._end(result, job, run, behaviours, outcome.remove)
+
+    def _end(self, result: RunResult, job: Job, run: Any, behaviours: Any, remove: bool) -> Deferred[None]:
         self.runs.pop(job.key, None)
         self._release(job, local=not getattr(run, "remote", False))
         # The slot is free now: the next job need not wait for this one's end to be committed.
-        self._reschedule()
+        # The pass waits a moment so that the ends of that moment share it (one pass, one write
+        # to each launcher, one reactor turn for several starts).
+        self._reschedule(self.schedule_delay)
         samples = self._record(job, result)
         workspace = run.workspace
         if workspace is not None and workspace.tmp:
@@ -614,18 +639,26 @@ class JobQueue(RemoteRuns, Service):
             elif not getattr(run, "workdir_removed", False):
                 remove_workdir(workspace.root)
         # Only once the end is committed may the files that also record it go (see _recover).
-        await self._save([job], samples=samples, strict=True)
-        run.files.remove()
+        return self._save([job], samples=samples, strict=True).addCallback(self._end_committed, job, run, remove)
+
+    def _end_committed(self, _: Any, job: Job, run: Any, remove: bool) -> Any:
+        run.remove_files()
         if job.state == model.COMPLETE:
             released = self.deps.dependants(job)
             if self.live.get(job.key) is job:
                 self._unindex(job)
             self._release_waiting(released)
         elif remove and job.state == model.BURIED:
-            try:
-                await self.delete([job])
-            except Conflict as e:
-                log.info("job {key} was not removed: {why}", key=job.key, why=e.reason)
+            return ensureDeferred(self._remove_buried(job))
+        self._reschedule(self.schedule_delay)
+        self._check_drained()
+        return None
+
+    async def _remove_buried(self, job: Job) -> None:
+        try:
+            await self.delete([job])
+        except Conflict as e:
+            log.info("job {key} was not removed: {why}", key=job.key, why=e.reason)
         self._reschedule()
         self._check_drained()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -27,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 
-from wmgr.jobs.launcher import make_job_dirs, stdio_actions
+from wmgr.jobs.launcher import make_job_dirs, read_bounded, stdio_actions  # read_bounded: re-exported
 from wmgr.jobs.model import FAIL_TIME  # the reason a time limit gives (re-exported)
 
 log = Logger()
@@ -178,6 +179,10 @@ class RunFiles:
         base = os.path.join(self.directory, f"{key}.{attempt}")
         self.out, self.err, self.rc = base + ".out", base + ".err", base + ".rc"
 
+    @property
+    def paths(self) -> tuple[str, str, str]:
+        return self.out, self.err, self.rc
+
     def remove(self) -> None:
         for path in (self.out, self.err, self.rc):
             try:
@@ -210,25 +215,6 @@ class RunFiles:
         return min(times) if times else None
 
 
-def read_bounded(path: Path | str, limit: int) -> str:
-    """The first and last `limit` bytes of a file, with a marker saying how much was left out."""
-    try:
-        if os.stat(path).st_size == 0:
-            return ""  # most jobs write nothing to one stream or both: a stat instead of an open
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= 2 * limit:
-                data = f.read()
-            else:
-                head = f.read(limit)
-                f.seek(size - limit)
-                tail = f.read(limit)
-                data = head + f"\n... [{size - 2 * limit} bytes omitted] ...\n".encode() + tail
-    except FileNotFoundError:
-        return ""
-    return data.decode("utf-8", errors="replace")
-
-
 @dataclass
 class Workspace:
     """Where a job runs: its directory (and, when wmgr made a unique one, its tmp) and its
@@ -250,6 +236,10 @@ class Workspace:
 
 
 _bases: dict[str, tuple[str, str]] = {}
+# The random part of a job's unique directory name. Not secret (the directories are in a 0700
+# base of the daemon user's own), only unlikely to repeat: a PRNG seeded from the OS, not a
+# getrandom() system call per job as secrets.token_hex made.
+_unique = random.Random(secrets.randbits(64))
 
 
 def work_base(cwd: str) -> tuple[str, str]:
@@ -291,7 +281,7 @@ def prepare_workspace(key: str, spec: dict[str, Any], make: bool = True) -> Work
         return Workspace(base, "", None, exact, {}, False)
     own, name = work_base(base)
     parent = os.path.join(own, key[0], key[1], key[2])
-    unique = key[3:] + secrets.token_hex(4)
+    unique = f"{key[3:]}{_unique.getrandbits(32):08x}"
     root = os.path.join(parent, unique)
     cwd, tmp = os.path.join(root, "cwd"), os.path.join(root, "tmp")
     extra = {"TMPDIR": tmp}
@@ -350,6 +340,8 @@ class Run(Protocol):
 
     def gone(self) -> None: ...
 
+    def remove_files(self) -> None: ...
+
 
 class JobRun:
     """The owner of one running process: starts it, kills it (TERM, then KILL after a grace
@@ -395,15 +387,20 @@ class JobRun:
 
     def start(self) -> int:
         """Start the process; return its pid. Raises OSError if it cannot be started."""
-        try:
-            os.unlink(self.files.rc)  # a status left by an earlier run must not be taken for this one's
-        except FileNotFoundError:
-            pass
+        extra: dict[str, Any] = {}
+        if getattr(self._spawn, "handles_run_files", False):
+            # The launcher removes an old status file and reads the output: per-job file work
+            # off the reactor.
+            extra["fresh"], extra["read"] = self.files.rc, self.output_limit
+        else:
+            try:
+                os.unlink(self.files.rc)  # a status left by an earlier run must not be taken for this one's
+            except FileNotFoundError:
+                pass
         argv = [SHELL, "-c", WRAPPER, ARGV0, self.workspace.cwd, self.files.rc, self.cmd]
         self.started = self._reactor.seconds()
         if self.max_time is not None:
             self._time_call = self._clock.callLater(self.max_time, self.kill, FAIL_TIME)
-        extra: dict[str, Any] = {}
         if self.remove_workdir and self.workspace.root is not None:
             extra["remove"] = self.workspace.root
         if self.workspace.pending:
@@ -413,6 +410,15 @@ class JobRun:
             (os.devnull, self.files.out, self.files.err), **extra,
         )
         return self.pid
+
+    def remove_files(self) -> None:
+        """Remove the run's files (once its end is committed): by the launcher that started it
+        when there is one, in one request with the others of this reactor turn."""
+        launcher = getattr(self._transport, "launcher", None)
+        if launcher is not None:
+            launcher.remove_later(self.files.paths)
+        else:
+            self.files.remove()
 
     @property
     def workdir_removed(self) -> bool:
@@ -474,6 +480,12 @@ class JobRun:
         # daemon's memory until it execs and so reports at least the daemon's RSS.
         cpu = rusage.ru_utime + rusage.ru_stime if rusage is not None else 0.0
         peak = self.peak_ram
+        outputs = getattr(self._transport, "outputs", None)
+        if outputs is not None:
+            stdout, stderr = outputs
+        else:
+            stdout = read_bounded(self.files.out, self.output_limit)
+            stderr = read_bounded(self.files.err, self.output_limit)
         result = RunResult(
             exitcode=exitcode if sig is None else None,
             signal=sig,
@@ -481,8 +493,8 @@ class JobRun:
             ended=self._reactor.seconds(),
             cpu_time=cpu,
             peak_ram=peak,
-            stdout=read_bounded(self.files.out, self.output_limit),
-            stderr=read_bounded(self.files.err, self.output_limit),
+            stdout=stdout,
+            stderr=stderr,
             kill_reason=self.kill_reason,
             lost=lost and not self.kill_reason,
         )
@@ -507,6 +519,9 @@ class AdoptedRun:
         self.peak_ram = 0
         self.kill_reason = ""
         self.done: Deferred[RunResult] = Deferred()
+
+    def remove_files(self) -> None:
+        self.files.remove()
 
     def kill(self, reason: str) -> None:
         if self.done.called or not self.pid:

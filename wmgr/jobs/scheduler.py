@@ -67,7 +67,11 @@ class Scheduler:
         groups = self._groups
         for job in jobs:
             entry = (job.seq, job.key)
-            heap = groups.setdefault(self.shape(job), [])
+            spec = job.spec  # the shape, as Scheduler.shape makes it (inline: once per added job)
+            shape = (spec.get("priority", 0), spec["cpus"], job.memory, tuple(spec.get("limit_grps") or ()))
+            heap = groups.get(shape)
+            if heap is None:
+                heap = groups[shape] = []
             if not heap or heap[(len(heap) - 1) // 2] <= entry:
                 heap.append(entry)
             else:

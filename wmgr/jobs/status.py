@@ -112,6 +112,7 @@ def _time(seconds: Optional[float]) -> int:
 _esc = json.encoder.encode_basestring_ascii  # what json.dumps (ensure_ascii) writes for a str
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(value, separators=(",", ":"))
 _INF = float("inf")
+_MAX_CUTS = 64  # see statuses_json
 
 
 def _json(value: Any) -> str:
@@ -153,6 +154,12 @@ def _generate() -> dict[str, Any]:
         f'{_esc(f.name)}:{_json(f.initial).replace("{", "{{").replace("}", "}}")}' if f.initial is not _NONE
         else f'{_esc(f.name)}:{{_json({f.value})}}' for f in FIELDS)
     checks = " and ".join(_exactly(f"job.{name}", value) for name, value in _FRESH_ATTRIBUTES.items())
+    # The fresh text with the key and the cmd left out (a NUL where each goes: every NUL a value
+    # holds is written \u0000), and the values that vary besides them: see statuses_json.
+    marked = fresh.replace("{_json(job.key)}", "\\x00", 1).replace('{_json(spec["cmd"])}', "\\x00", 1)
+    names = [f.name for f in FIELDS]
+    assert marked.count("\\x00") == 2 and names.index("Key") < names.index("Cmd"), "a NUL for each, Key first"
+    varying = ", ".join(f.value for f in FIELDS if f.initial is _NONE and f.name not in ("Key", "Cmd"))
     source = f'''
 def status_dict(job, now, std=False, env=False, similar=0):
     spec = job.spec
@@ -165,6 +172,18 @@ def status_json(job, now, std, env, similar):
                              and job.stderr.__class__ is str and not job.stderr))):
         return f'{{{{{fresh}}}}}'
     return f'{{{{{general}}}}}'
+
+def is_fresh(job, spec, std):
+    return ({checks} and _OPTIONAL_SHOWN.isdisjoint(spec)
+            and (not std or (job.stdout.__class__ is str and not job.stdout
+                             and job.stderr.__class__ is str and not job.stderr)))
+
+def fresh_varying(job, spec, similar):
+    return ({varying},)
+
+def fresh_cut(job, now, similar):
+    spec = job.spec
+    return f'{{{{{marked}}}}}'.split("\\x00")
 '''
     namespace: dict[str, Any] = {"_json": _json, "_behaviours": _behaviours, "_others": _others, "_cores": _cores,
                                  "_time": _time, "_output": _output, "_OPTIONAL_SHOWN": OPTIONAL_SHOWN}
@@ -176,13 +195,42 @@ def status_json(job, now, std, env, similar):
 _generated = _generate()
 status_dict = _generated["status_dict"]
 status_json = _generated["status_json"]
+is_fresh = _generated["is_fresh"]
+fresh_varying = _generated["fresh_varying"]
+fresh_cut = _generated["fresh_cut"]
 
 
 def statuses_json(pairs: Iterable[tuple[Any, int]], now: float, std: bool = False, env: bool = False) -> bytes:
     """The reply listing these jobs' status objects: the same bytes as
     json.dumps([job.status(now, std, env, similar) for job, similar in pairs],
     separators=(",", ":")).encode("utf-8")."""
-    parts = [status_json(job, now, std, env, similar).encode("utf-8") for job, similar in pairs]
+    # Jobs that have never run and were added alike (one POST's, mostly) differ only in their
+    # key and cmd: their text is cut once per distinct set of the other varying values (told
+    # apart by identity, never by equality: 0 == False == -0.0 but they are written apart; the
+    # values are kept in `cuts` so that no id is reused meanwhile), and each job's is the cut
+    # text with its two values put in.
+    # Jobs whose values are not shared (read back from the store, each its own objects) would
+    # each make a cut: past _MAX_CUTS this is given up for the rest of the reply.
+    parts = []
+    append = parts.append
+    cuts: dict[tuple[int, ...], tuple[list[str], tuple[Any, ...]]] = {}
+    cutting = True
+    for job, similar in pairs:
+        spec = job.spec
+        if cutting and job.key.__class__ is str and spec["cmd"].__class__ is str and is_fresh(job, spec, std):
+            varying = fresh_varying(job, spec, similar)
+            ident = tuple(map(id, varying))
+            cut = cuts.get(ident)
+            if cut is None:
+                if len(cuts) < _MAX_CUTS:
+                    cut = cuts[ident] = (fresh_cut(job, now, similar), varying)
+                else:
+                    cutting = False
+            if cut is not None:
+                before, between, after = cut[0]
+                append(f"{before}{_esc(job.key)}{between}{_esc(spec['cmd'])}{after}".encode())
+                continue
+        append(status_json(job, now, std, env, similar).encode("utf-8"))
     if not parts:
         return b"[]"
     # The text is ASCII (json.dumps escapes everything else). Tens of MB: encoding each part and

@@ -113,7 +113,12 @@ class WorkerAgent(Service):
         self.run_dir = run_dir
         self._makes_workspace = getattr(spawn, "makes_workspace", False)
         # Pulled jobs die with this daemon: once it is gone the manager gives them to another.
-        self._spawn = functools.partial(spawn, tied=True) if getattr(spawn, "ties", False) else spawn
+        self._spawn = spawn
+        if getattr(spawn, "ties", False):
+            tied: Any = functools.partial(spawn, tied=True)
+            for flag in ("makes_workspace", "handles_run_files"):  # what the runner asks of a spawner
+                setattr(tied, flag, getattr(spawn, flag, False))
+            self._spawn = tied
         self.heartbeat = heartbeat
         self.output_limit = output_limit
         self.kill_grace = kill_grace
