@@ -9,8 +9,9 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "wmgr" / "__init__.py").
 setup(
     name="wmgr",
     version=VERSION,
-    description="Worker management daemon: the wr job queue, the pman API, a connection registry, and Qserv's "
-                "services and databases over HTTPS; a web dashboard and a command line",
+    description="Worker management daemon: the wr job queue, the pman API, a connection registry, Qserv's "
+                "services and databases, and workers on many hosts with Flamenco's tasks over HTTPS; a web "
+                "dashboard and a command line",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",

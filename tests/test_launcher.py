@@ -93,3 +93,45 @@ def test_pool_restarts_count_its_launchers() -> None:
     pool = LauncherPool(reactor=None, size=3)
     pool.launchers[0].restarts, pool.launchers[2].restarts = 2, 1
     assert pool.restarts == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_tied_jobs_die_with_the_daemon_and_the_others_carry_on(reactor: Any, tmp_path: Path) -> None:
+    """A worker's pulled jobs are tied: once the launcher's daemon is gone (its stdin ends, as
+    when the daemon is killed), the launcher kills their process groups; local jobs carry on."""
+    import os
+    import signal
+
+    launcher = Launcher(reactor)
+    launcher.start()
+    tied, free = Recorder(), Recorder()
+    stdio = ("/dev/null", str(tmp_path / "out"), str(tmp_path / "err"))
+    launcher.spawn(reactor, tied, "/bin/sh", ["/bin/sh", "-c", "sleep 60"], None, {}, stdio, tied=True)
+    launcher.spawn(reactor, free, "/bin/sh", ["/bin/sh", "-c", "sleep 60"], None, {}, stdio)
+
+    async def both_started() -> bool:
+        return bool(tied.events) and bool(free.events)
+
+    await until(reactor, both_started, timeout=10)
+    tied_pid, free_pid = tied.events[0][1], free.events[0][1]
+    launcher.stop()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    async def tied_gone() -> bool:
+        return not alive(tied_pid)
+
+    try:
+        await until(reactor, tied_gone, timeout=10)
+        assert alive(free_pid)
+    finally:
+        for pid in (tied_pid, free_pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

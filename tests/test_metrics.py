@@ -144,3 +144,24 @@ def test_supervised_services_are_read_when_scraped(watched) -> None:
     assert got[("wmgr_service_up", (("name", "xrootd"),))] == 1
     assert got[("wmgr_service_up", (("name", "mysqld"),))] == 0
     assert got[("wmgr_service_restarts_total", (("name", "xrootd"),))] == 2
+
+
+def test_the_workers_are_read_when_scraped(watched, tmp_path) -> None:
+    from tests.test_workers import Manager
+
+    metrics = watched[0]
+    m = Manager(tmp_path)
+    m.start()
+    metrics.watch_workers(m.workers)
+    m.add({"cmd": "sleep 1"}, {"cmd": "sleep 2"})
+    a, _ = m.join("a"), m.join("b")
+    m.pull("a", a)
+    got = samples(metrics)
+    assert got[("wmgr_workers", (("connection", "online"),))] == 2
+    assert got[("wmgr_workers", (("connection", "offline"),))] == 0
+    assert got[("wmgr_worker_leases", ())] == 2
+    m.clock.advance(61)
+    m.workers.check()
+    m.settle()
+    got = samples(metrics)
+    assert got[("wmgr_workers", (("connection", "offline"),))] == 2 and got[("wmgr_worker_leases", ())] == 0

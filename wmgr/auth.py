@@ -11,10 +11,12 @@ from typing import Optional
 from wmgr.files import write_private
 
 TOKEN_FILE = "client.token"
+# A token that grants the worker routes (/worker/...) only: given to worker daemons and runners.
+WORKER_TOKEN_FILE = "worker.token"
 
 
-def ensure_token(directory: Path) -> str:
-    path = Path(directory) / TOKEN_FILE
+def ensure_token(directory: Path, name: str = TOKEN_FILE) -> str:
+    path = Path(directory) / name
     if path.exists():
         token = path.read_text().strip()
         if token:

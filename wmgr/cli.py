@@ -457,6 +457,78 @@ async def verb_dbs(s: Session) -> int:
     return EXIT_OK
 
 
+# -- workers and Flamenco tasks ---------------------------------------------------------------------
+
+
+async def verb_workers(s: Session) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    workers = await s.call("GET", "workers")
+    if s.args.action:
+        if not s.args.name:
+            raise CliError(f"which worker? wmgr workers {s.args.action} NAME", EXIT_USAGE)
+        if s.args.name not in workers:
+            raise CliError(f"no worker {s.args.name!r} (see wmgr workers)", EXIT_FAILED)
+        status = "enabled" if s.args.action == "enable" else "disabled"
+        await s.call("PATCH", f"workers/{workers[s.args.name]['id']}", body={"status": status})
+        workers = await s.call("GET", "workers")
+        if not s.args.json:
+            s.out.print(f"worker {s.args.name} {status}")
+            return EXIT_OK
+    if s.args.json:
+        s.print_json(workers[s.args.name] if s.args.action else workers)
+        return EXIT_OK
+    if not workers:
+        s.out.print("no workers")
+        return EXIT_OK
+    table = Table(title="workers", title_justify="left")
+    for column, justify in (("worker", "left"), ("id", "right"), ("connection", "left"), ("status", "left"),
+                            ("address", "left"), ("task", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for name, worker in sorted(workers.items()):
+        table.add_row(Text(name), str(worker["id"]),
+                      Text(worker["connection"], style="green" if worker["connection"] == "online" else "red"),
+                      Text(worker["status"]), Text(worker["ip_address"] or ""), _or_blank(worker["current_task"]))
+    s.out.print(table)
+    return EXIT_OK
+
+
+async def verb_tasks(s: Session) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    if s.args.action == "cancel":
+        if not s.args.id:
+            raise CliError("which task? wmgr tasks cancel ID", EXIT_USAGE)
+        if not s.args.id.isdigit():
+            raise CliError(f"a task id is a whole number, not {s.args.id!r}", EXIT_USAGE)
+        task = await s.call("DELETE", f"tasks/{s.args.id}", ok=(202,))
+        if s.args.json:
+            s.print_json(task)
+        else:
+            s.out.print(f"task {task['id']} {task['status']}")
+        return EXIT_OK
+    tasks = await s.call("GET", "tasks")
+    if s.args.json:
+        s.print_json(tasks)
+        return EXIT_OK
+    if not tasks:
+        s.out.print("no tasks")
+        return EXIT_OK
+    styles = {"completed": "green", "failed": "red", "canceled": "yellow", "active": "cyan"}
+    table = Table(title="tasks", title_justify="left")
+    for column, justify in (("task", "right"), ("type", "left"), ("status", "left"), ("frames", "left"),
+                            ("current", "right"), ("worker", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for task in tasks:
+        frames = f"{task['frame_start']}-{task['frame_end']}" if task["type"] == "frames" else ""
+        table.add_row(str(task["id"]), Text(task["type"]), Text(task["status"], style=styles.get(task["status"], "")),
+                      frames, str(task["frame_current"]) if frames else "", _or_blank(task["worker_id"]))
+    s.out.print(table)
+    return EXIT_OK
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 
@@ -514,6 +586,13 @@ def parser() -> argparse.ArgumentParser:
     services.add_argument("action", nargs="?", choices=("start", "stop", "restart"))
     services.add_argument("name", nargs="?", metavar="NAME")
     verbs.add_parser("dbs", help="the Qserv databases and their tables")
+    workers = verbs.add_parser("workers", help="the workers of this manager, online or offline; or enable or "
+                                               "disable one (a disabled worker gets no new work)")
+    workers.add_argument("action", nargs="?", choices=("enable", "disable"))
+    workers.add_argument("name", nargs="?", metavar="NAME")
+    tasks = verbs.add_parser("tasks", help="Flamenco's tasks and their progress; or cancel one")
+    tasks.add_argument("action", nargs="?", choices=("cancel",))
+    tasks.add_argument("id", nargs="?", metavar="ID")
     verbs.add_parser("warnings", help="scheduler warnings (reading them clears them)")
     return top
 
@@ -521,7 +600,7 @@ def parser() -> argparse.ArgumentParser:
 VERBS: dict[str, Callable[[Session], Any]] = {
     "add": verb_add, "status": verb_status, "kill": verb_kill, "remove": verb_remove, "retry": verb_retry,
     "info": verb_info, "warnings": verb_warnings, "connections": verb_connections, "services": verb_services,
-    "dbs": verb_dbs,
+    "dbs": verb_dbs, "workers": verb_workers, "tasks": verb_tasks,
 }
 
 

@@ -81,12 +81,16 @@ class EventStreamRefused(Exception):
 
 class Client:
     def __init__(self, reactor: Any, base_url: str, ca_pem: Optional[bytes], token: Optional[str],
-                 http: Optional[Any] = None, persistent: bool = True) -> None:
+                 http: Optional[Any] = None, persistent: bool = True, idle_timeout: Optional[float] = None) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.token = token
         self._pool: Optional[HTTPConnectionPool] = None
         if http is None:
             self._pool = HTTPConnectionPool(reactor, persistent=persistent)
+            if idle_timeout is not None:
+                # Close kept-alive connections before the server does ([http] header_timeout): a
+                # POST on a connection the server has just closed fails and is not retried.
+                self._pool.cachedConnectionTimeout = idle_timeout
             self._pool.maxPersistentPerHost = 8
             policy = None
             if ca_pem is not None:

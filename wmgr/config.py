@@ -70,7 +70,7 @@ def _body_limits(text: str) -> list[tuple[str, int]]:
 # clients expect); these let such bodies through to that check. /dbs/ takes Qserv's table
 # uploads, streamed from the spool file to the database.
 DEFAULT_BODY_LIMITS = ("/=1M /rest/v1/jobs/=256M /rest/v1/upload/=4G /api/v1/=16M "
-                       "/publish=16M /getconnection/=16M /retract=16M /retract-partition=16M /dbs/=16G")
+                       "/publish=16M /getconnection/=16M /retract=16M /retract-partition=16M /dbs/=16G /worker/=64M")
 
 
 def _data_dir(text: str) -> Path:
@@ -178,6 +178,18 @@ class Config:
     # One item per "[service:NAME]" section (a family of sections: "family", not "ini").
     services: dict[str, Any] = field(default_factory=dict, metadata={"family": ("service", _service_section)})
 
+    # The manager's side of the worker protocol.
+    workers_timeout: float = field(default=60.0, metadata={"ini": ("workers", "timeout", float)})
+    workers_check_interval: float = field(default=5.0, metadata={"ini": ("workers", "check_interval", float)})
+    run_local: bool = field(default=True, metadata={"ini": ("workers", "run_local", _boolean)})
+    # The worker role: this daemon runs jobs of the manager at manager_url as well.
+    manager_url: str = field(default="", metadata={"ini": ("worker", "manager", str)})
+    manager_ca: str = field(default="", metadata={"ini": ("worker", "manager_ca", str)})
+    manager_token_file: str = field(default="", metadata={"ini": ("worker", "manager_token_file", str)})
+    worker_name: str = field(default="", metadata={"ini": ("worker", "name", str)})
+    worker_heartbeat: float = field(default=5.0, metadata={"ini": ("worker", "heartbeat", float)})
+    worker_cores: Optional[float] = field(default=None, metadata={"ini": ("worker", "max_cores", _optional_float)})
+    worker_memory: Optional[int] = field(default=None, metadata={"ini": ("worker", "max_memory", _memory_mb)})
 
     @classmethod
     def load(cls, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "Config":
@@ -233,6 +245,15 @@ class Config:
             raise InvalidRequest("retry_base, retry_cap and retry_jitter must be >= 0")
         if self.memory_margin < 0 or self.time_margin < 0:
             raise InvalidRequest("memory_margin and time_margin must be >= 0")
+        if self.workers_timeout <= 0 or self.workers_check_interval <= 0 or self.worker_heartbeat <= 0:
+            raise InvalidRequest("[workers] timeout and check_interval and [worker] heartbeat must be > 0")
+        if self.manager_url:
+            if not self.manager_url.startswith(("https://", "http://")):
+                raise InvalidRequest(f"--manager {self.manager_url!r} is not an http(s) URL")
+            if not self.manager_token_file:
+                raise InvalidRequest("--manager needs --manager-token-file (the manager's worker.token)")
+            if len(self.worker_name) > 200 or any(not c.isprintable() or c in "/ " for c in self.worker_name):
+                raise InvalidRequest(f"--worker-name {self.worker_name!r} must be printable, without / or spaces")
         if self.history_max_age < 0 or self.history_max_count < 0 or self.prune_interval <= 0:
             raise InvalidRequest("history max_age and max_count must be >= 0, prune_interval > 0")
         if not 0 < self.header_timeout <= 3600:

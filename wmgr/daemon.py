@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
+from wmgr.api.flamenco import FLAMENCO_PATHS, FlamencoAPI
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.connections import CONNECTIONS_PATHS, ConnectionsAPI
 from wmgr.api.connections import SEGMENTS as CONNECTION_SEGMENTS
@@ -34,8 +35,9 @@ from wmgr.api.qserv_dbs import QSERV_DBS_PATHS, QservDbsAPI
 from wmgr.api.qserv_services import QSERV_SERVICES_PATHS, QservServicesAPI
 from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.sessions import Sessions
+from wmgr.api.workers import WORKER_PATHS, WorkersAPI
 from wmgr.api.wr import WrAPI
-from wmgr.auth import TOKEN_FILE, ensure_token
+from wmgr.auth import TOKEN_FILE, WORKER_TOKEN_FILE, ensure_token
 from wmgr.config import Config
 from wmgr.connections.service import ConnectionService
 from wmgr.jobs.groupcounts import CountsFeed
@@ -49,12 +51,16 @@ from wmgr.jobs.scheduler import Capacity
 from wmgr.metrics import Metrics
 from wmgr.store import Store
 from wmgr.files import write_public
-from wmgr.host import host_name
+from wmgr.flamenco import Flamenco
+from wmgr.host import host_address, host_name
 from wmgr.tls import ServerTLS
+from wmgr.workers.registry import Workers
 
 log = Logger()
 
 URL_FILE = "wmgr.url"
+LISTEN_BACKLOG = 1024
+WORKER_IDLE_TIMEOUT = 8.0
 # The plain-HTTP listener's URL, when there is one: written before URL_FILE, so a script that
 # waits for URL_FILE finds it too.
 HTTP_URL_FILE = "wmgr.http.url"
@@ -103,6 +109,8 @@ class WmgrService(MultiService):
         self.store: Optional[Store] = None
         self.queue: Optional[JobQueue] = None
         self.launcher: Optional[LauncherPool] = None
+        self.workers: Optional[Workers] = None
+        self.agent: Any = None
         self._started: Optional[Deferred[None]] = None
         self.dashboard: Optional[Dashboard] = None
         self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
@@ -132,6 +140,7 @@ class WmgrService(MultiService):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         token = ensure_token(self.data_dir)
+        worker_token = ensure_token(self.data_dir, WORKER_TOKEN_FILE)
         self.tls = ServerTLS(self.data_dir, config.tls_names)
 
         self.store = Store(self.data_dir / "wmgr.db", self._reactor)
@@ -144,19 +153,31 @@ class WmgrService(MultiService):
         self.queue.on_drained = self._drained
         self.queue.setServiceParent(self)
         await self.queue.ready
+        self.workers = Workers(self.queue, self._reactor, config.workers_timeout, config.worker_heartbeat,
+                               self.bad_servers)
+        self.workers.setServiceParent(self)
+        self.flamenco = Flamenco(self.queue, self.workers, self.store)
+        self.flamenco.setServiceParent(self)
+        await self.flamenco.ready
 
         self._add_timer(config.sample_interval, "sample running jobs", self.queue.sample)
         self._add_timer(config.renew_check_interval, "renew the server certificate", self.tls.renew_if_due)
         self._add_timer(config.prune_interval, "prune the job history", self.queue.prune)
+        self._add_timer(config.workers_check_interval, "check workers' liveness", self.workers.check)
+        if config.manager_url:
+            await self._become_worker()
 
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
-        openapi = document([WR_PATHS, PMAN_PATHS, CONNECTIONS_PATHS, QSERV_SERVICES_PATHS, QSERV_DBS_PATHS,
-                            DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
+        openapi = document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, CONNECTIONS_PATHS, QSERV_SERVICES_PATHS,
+                            QSERV_DBS_PATHS, DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
         self.metrics = Metrics(openapi["paths"])
         self.metrics.watch(self.queue, self.launcher, self.store)
+        self.metrics.watch_workers(self.workers)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
                                        shutdown=self.shutdown).resource()),
+                    (("worker",), WorkersAPI(self.workers).resource()),
+                    (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource()),
                     Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
         connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)
         await connections.load()
@@ -192,14 +213,18 @@ class WmgrService(MultiService):
         self.dashboard.setServiceParent(self)
         surfaces.append(Surface(("ui",), self.dashboard.resource(), own_auth=True))
         fallback = RootApp(openapi).app.resource()
-        site = WmgrSite(Root(token, surfaces, fallback, sessions), BodyLimits(config.body_limits),
+        site = WmgrSite(Root(token, surfaces, fallback, sessions, segment_tokens={"worker": worker_token}),
+                        BodyLimits(config.body_limits),
                         config.header_timeout, observe=self.metrics.observe_request, reactor=self._reactor)
 
-        self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls,
+        # A manager with many workers takes many connections at once; with Twisted's default
+        # backlog (50) the kernel drops SYNs beyond it and each client waits a 1 s retransmit.
+        self.port = await self._listen(SSL4ServerEndpoint(self._reactor, config.port, self.tls, backlog=LISTEN_BACKLOG,
                                                           interface=config.interface), site)
         if config.http_port is not None:
             plain = TCP6ServerEndpoint if ":" in config.interface else TCP4ServerEndpoint
-            self.http_port = await self._listen(plain(self._reactor, config.http_port, interface=config.interface), site)
+            self.http_port = await self._listen(plain(self._reactor, config.http_port, backlog=LISTEN_BACKLOG,
+                                                      interface=config.interface), site)
 
         self.url = f"https://{url_host(config.interface)}:{self.port}/"
         if self.http_port is not None:
@@ -207,6 +232,28 @@ class WmgrService(MultiService):
             write_public(self.data_dir / HTTP_URL_FILE, http_url.encode() + b"\n")
         write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")
         self._announce(first_start)
+
+    async def _become_worker(self) -> None:
+        """The worker role: an agent that pulls the manager's jobs and runs them here."""
+        from wmgr.client import Client
+        from wmgr.workers.agent import WorkerAgent
+        from wmgr.workers.outbox import Outbox
+
+        config = self.config
+        assert self.store is not None and self.launcher is not None
+        ca = Path(config.manager_ca).expanduser().read_bytes() if config.manager_ca else None
+        manager_token = Path(config.manager_token_file).expanduser().read_text().strip()
+        # The manager closes a kept-alive connection idle for its [http] header_timeout (10 s by
+        # default): ours are let go sooner, and a heartbeat every few seconds keeps one open.
+        client = Client(self._reactor, config.manager_url, ca, manager_token, idle_timeout=WORKER_IDLE_TIMEOUT)
+        self.agent = WorkerAgent(
+            self._reactor, client, config.worker_name or host_name(), host_address(),
+            Capacity.detect(config.worker_cores, config.worker_memory), Outbox(self.store),
+            self.data_dir / "worker-run", self.launcher.spawn, heartbeat=config.worker_heartbeat,
+            output_limit=config.output_limit, kill_grace=config.kill_grace)
+        self.agent.setServiceParent(self)
+        await self.agent.ready
+        self._add_timer(config.sample_interval, "sample pulled jobs", self.agent.sample)
 
     async def _listen(self, endpoint: Any, site: Any) -> int:
         port = await endpoint.listen(site)

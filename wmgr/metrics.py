@@ -9,7 +9,8 @@ prometheus_client:
 - JobQueue.counters.started / .completed / .failed, runs since the daemon started;
 - JobQueue.usage() -> running, cores_used, cores_total, memory_used_mb, memory_total_mb;
 - LauncherPool.restarts, launcher processes started again after one ended;
-- Store.commit_observers, called on the reactor thread with each batch commit's seconds.
+- Store.commit_observers, called on the reactor thread with each batch commit's seconds;
+- Workers.counts() -> online, offline, leases (the manager's side of the worker protocol).
 
 HTTP requests are counted by route TEMPLATE (the OpenAPI path, such as /rest/v1/jobs/{ids}), never
 by raw path, so the number of series stays bounded whatever clients ask for.
@@ -124,6 +125,22 @@ class ServiceCollector:
         yield restarts
 
 
+class WorkerCollector:
+    """The manager's workers: online and offline, and the jobs they hold under a lease."""
+
+    def __init__(self, workers: Any) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.workers.counts()
+        workers = GaugeMetricFamily("wmgr_workers", "Workers known to this manager, by connection",
+                                    labels=["connection"])
+        for connection in ("online", "offline"):
+            workers.add_metric([connection], counts[connection])
+        yield workers
+        yield GaugeMetricFamily("wmgr_worker_leases", "Jobs handed to workers and not yet ended", value=counts["leases"])
+
+
 class Metrics:
     """One daemon's registry, its HTTP and store metrics, and the job collector."""
 
@@ -141,6 +158,9 @@ class Metrics:
     def watch(self, queue: Any, launcher: Any, store: Any) -> None:
         self.registry.register(JobCollector(queue, launcher))
         store.commit_observers.append(self.store_commits.observe)
+
+    def watch_workers(self, workers: Any) -> None:
+        self.registry.register(WorkerCollector(workers))
 
     def watch_connections(self, connections: Any) -> None:
         self.registry.register(ConnectionCollector(connections))

@@ -108,6 +108,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (partition, uid)
     ) WITHOUT ROWID;
     """,
+    # 5: a worker's reports to its manager (starts, ends) kept until the manager acknowledges them,
+    # so that none is lost while the manager is unreachable (wmgr/workers/outbox.py).
+    """
+    CREATE TABLE worker_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
+    """,
+    # 6: Flamenco's tasks (wmgr/flamenco.py): what the server sent and workers reported, as JSON;
+    # their jobs are ordinary jobs.
+    """
+    CREATE TABLE flamenco_tasks (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+    """,
 ]
 
 _STOP = object()

@@ -16,12 +16,15 @@ from wmgr.errors import InvalidRequest
 
 
 class Options(usage.Options):
-    synopsis = "[--config PATH] [--data-dir DIR] [--interface ADDR] [--port N] [--http-port N]"
+    synopsis = ("[--config PATH] [--data-dir DIR] [--interface ADDR] [--port N] [--http-port N] "
+                "[--manager URL --manager-ca PATH --manager-token-file PATH [--worker-name NAME]]")
     longdesc = (
         "Serve the wr job queue (/rest/v1/), the pman API (/api/v1/), the DUNE connection registry "
-        "(/publish, /getconnection/...) and the Qserv worker manager's services and databases (/services, "
-        "/dbs, /xrootd) over HTTPS with the daemon's own CA and a bearer token, and /metrics. Command-line "
-        "options override the configuration file; etc/wmgr.cnf documents every option."
+        "(/publish, /getconnection/...), the Qserv worker manager's services and databases (/services, "
+        "/dbs, /xrootd), the worker protocol (/worker/v1/) and Flamenco's workers and tasks (/workers, "
+        "/tasks) over HTTPS with the daemon's own CA and a bearer token, and /metrics; with --manager, "
+        "also run another wmgr's jobs as its worker. Command-line options override the configuration "
+        "file; etc/wmgr.cnf documents every option."
     )
     optParameters = [
         ["config", "c", None, "An INI configuration file in the format of etc/wmgr.cnf."],
@@ -31,6 +34,10 @@ class Options(usage.Options):
         ["port", "p", None, "HTTPS port (default 5012; 0 picks a free one).", int],
         ["http-port", None, None, "Also serve plain HTTP on this port, same interface and token "
                                   "(default: off; 0 picks a free one).", int],
+        ["manager", None, None, "Also be a worker of the wmgr manager at this URL (pulls and runs its jobs)."],
+        ["manager-ca", None, None, "The manager's CA certificate (its ca.pem) to trust."],
+        ["manager-token-file", None, None, "A file holding the manager's worker.token (or client.token)."],
+        ["worker-name", None, None, "This worker's name at the manager (default: the host name)."],
     ]
 
     def postOptions(self) -> None:
@@ -40,6 +47,10 @@ class Options(usage.Options):
                 "interface": self["interface"],
                 "port": self["port"],
                 "http_port": self["http-port"],
+                "manager_url": self["manager"],
+                "manager_ca": self["manager-ca"],
+                "manager_token_file": self["manager-token-file"],
+                "worker_name": self["worker-name"],
             })
         except InvalidRequest as e:
             raise usage.UsageError(e.reason) from None

@@ -209,13 +209,15 @@ def test_twistd_help_lists_wmgr():
 
 def test_twistd_wmgr_help_documents_every_option():
     result = subprocess.run(twistd_command() + ["wmgr", "--help"], capture_output=True, text=True, cwd="/")
-    for option in ("--config", "--data-dir", "--interface", "--port", "--http-port"):
+    for option in ("--config", "--data-dir", "--interface", "--port", "--http-port", "--manager", "--manager-ca",
+                   "--manager-token-file", "--worker-name"):
         assert option in result.stdout, option
     # Only what is served: the APIs still to come appear when they land.
     text = " ".join((result.stdout + subprocess.run(twistd_command() + ["--help"], capture_output=True,
                                                     text=True, cwd="/").stdout).lower().split())
-    for unbuilt in ("tasks", "workers"):  # connections and databases are served now
-        assert unbuilt not in text, unbuilt
+    for served in ("connection", "databases", "/worker/v1/", "tasks"):
+        assert served in text, served
+    assert "slurm" not in text  # not built yet
 
 
 def test_bad_configuration_is_a_usage_error(tmp_path):

@@ -5,6 +5,7 @@ from twisted.application.service import ServiceMaker
 wmgr = ServiceMaker(
     "wmgr",
     "wmgr.tap",
-    "Worker management daemon: wr jobs, pman, connections, Qserv services and databases over HTTPS",
+    "Worker management daemon: wr jobs, pman, connections, Qserv services and databases, workers and "
+    "Flamenco tasks over HTTPS",
     "wmgr",
 )

@@ -34,10 +34,11 @@ STATIC_TYPES = {
     "index.html": b"text/html; charset=utf-8",
     "app.css": b"text/css; charset=utf-8",
     "app.js": b"text/javascript; charset=utf-8",
-    # One script per view of another API: connections, Qserv services, Qserv databases.
+    # One script per view of another API: connections, Qserv services, Qserv databases, workers.
     "connections.js": b"text/javascript; charset=utf-8",
     "services.js": b"text/javascript; charset=utf-8",
     "dbs.js": b"text/javascript; charset=utf-8",
+    "workers.js": b"text/javascript; charset=utf-8",
 }
 # The page loads nothing from anywhere else, runs no inline script, and may not be framed.
 CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

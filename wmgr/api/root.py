@@ -64,10 +64,12 @@ class Root(Resource):
     isLeaf = True
 
     def __init__(self, token: str, surfaces: Iterable[SurfaceLike], fallback: Any,
-                 sessions: Optional[Sessions] = None) -> None:
+                 sessions: Optional[Sessions] = None, segment_tokens: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._token = token
         self._sessions = sessions
+        # A second token that grants one first path segment only (the worker token: /worker/).
+        self._segment_tokens = {segment.encode(): value for segment, value in (segment_tokens or {}).items()}
         self._fallback = Surface((), fallback)
         self._surfaces: dict[bytes, Surface] = {}
         for surface in surfaces:
@@ -87,7 +89,7 @@ class Root(Resource):
             request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
             return json_response(request, {"error": "the path (once %-decoded) or the Host is not UTF-8 text"}, 400)
-        token_ok = request.path in PUBLIC_PATHS or self._authorised(request)
+        token_ok = request.path in PUBLIC_PATHS or self._authorised(request, first)
         if not token_ok and self._sessions is not None:
             # A dashboard login stands for the token, except for a state-changing request that
             # another site's page made the browser send (see wmgr.api.sessions).
@@ -102,12 +104,14 @@ class Root(Resource):
             return json_response(request, {"error": "a valid token is required (Authorization: Bearer <token>)"}, 401)
         return surface.resource.render(request)
 
-    def _authorised(self, request: Any) -> bool:
+    def _authorised(self, request: Any, first: bytes) -> bool:
         # Only the URL's own query string counts: request.args also holds the fields of a
         # form-encoded body, which is what pfurl labels its JSON as, and a command in that body
         # could then pose as the token.
         query_token = url_query(request).get("token", [""])[0].encode("utf-8")
-        return token_matches(self._token, presented_token(request.getHeader(b"authorization"), query_token))
+        presented = presented_token(request.getHeader(b"authorization"), query_token)
+        limited = self._segment_tokens.get(first)
+        return token_matches(self._token, presented) or (limited is not None and token_matches(limited, presented))
 
     @staticmethod
     def _log(_: Any, request: Any, started: float, quiet: bool = False) -> None:

@@ -125,6 +125,9 @@ def main() -> None:
     running = [0]
     removals: dict[int, str] = {}  # pid -> the directory to remove once it has ended
     outputs: dict[int, tuple[str, str, int]] = {}  # pid -> (stdout, stderr, limit) to read at its end
+    # Jobs that must not outlive the daemon (a worker's pulled jobs: once the worker is gone the
+    # manager gives them to another, so one left running here would run twice at once).
+    tied: set[int] = set()
 
     # Events wait here (under `lock`) and are written together: the starts of one batch of
     # requests in one write, the ends reaped together in one. Each write wakes the daemon's
@@ -161,6 +164,7 @@ def main() -> None:
                 running[0] -= len(ended)
             with lock:  # held by the spawn until its removal is registered
                 found = [(removals.pop(pid, None), outputs.pop(pid, None)) for pid, _, _ in ended]
+                tied.difference_update(pid for pid, _, _ in ended)
             events = []
             for (pid, status, usage), (_, output) in zip(ended, found):
                 event = {"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
@@ -217,12 +221,28 @@ def main() -> None:
             removals[pid] = request["remove"]
         if "read" in request:
             outputs[pid] = (stdout, stderr, request["read"])
+        if request.get("tied"):
+            tied.add(pid)
         with children:
             running[0] += 1
             children.notify()
         emit({"id": request["id"], "pid": pid})
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
+    try:
+        serve(handle, lock, flush)
+    finally:
+        # The daemon has gone (stopped, or killed: either way our stdin ends).
+        with lock:
+            for pid in tied:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def serve(handle: Any, lock: Any, flush: Any) -> None:
+    """Read requests from stdin until the daemon goes."""
     daemon = os.getppid()
     rest = b""
     while True:
@@ -400,13 +420,15 @@ class Launcher:
 
     def spawn(self, reactor: Any, protocol: Any, executable: str, argv: list[str], env: Optional[dict[str, str]],
               extra: dict[str, str], stdio: tuple[str, str, str], remove: Optional[str] = None,
-              make: tuple[str, ...] = (), fresh: Optional[str] = None, read: Optional[int] = None) -> LaunchedProcess:
+              make: tuple[str, ...] = (), fresh: Optional[str] = None, read: Optional[int] = None,
+              tied: bool = False) -> LaunchedProcess:
         """Ask for a process; the returned transport connects its protocol once it runs.
         `remove`: a directory the launcher removes once the process has ended and it has said so
         (a job's own directory: per-job work that needs nothing of the daemon's state); `make`: the
         job's (base, parent, root, cwd, tmp) directories, made by the launcher just before the start;
         `fresh`: a file removed before the start (an earlier run's status file); `read`: read the
-        first and last `read` bytes of stdout and stderr at the end (the transport's `outputs`)."""
+        first and last `read` bytes of stdout and stderr at the end (the transport's `outputs`);
+        `tied`: the launcher kills the process group when the daemon goes (stopped or killed)."""
         if self._protocol is None or self._protocol.transport is None:
             raise OSError("the job launcher is not running")
         process = LaunchedProcess(protocol, self)
@@ -423,6 +445,8 @@ class Launcher:
             request["fresh"] = fresh
         if read is not None:
             request["read"] = read
+        if tied:
+            request["tied"] = True
         self._protocol.transport.write(compactjson.dumps(request).encode() + b"\n")
         return process
 
@@ -511,6 +535,7 @@ class LauncherPool(Service):
 
     spawn.makes_workspace = True  # type: ignore[attr-defined]  # see runner.prepare_workspace
     spawn.handles_run_files = True  # type: ignore[attr-defined]  # takes fresh= and read= (see JobRun.start)
+    spawn.ties = True  # type: ignore[attr-defined]  # takes tied=True (see Launcher.spawn)
 
 
 if __name__ == "__main__":

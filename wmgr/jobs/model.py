@@ -500,6 +500,7 @@ RUN_FIELDS: dict[str, Any] = {
     "pid": 0,
     "host": "",
     "host_ip": "",
+    "host_id": "",  # the worker instance that ran it (empty: this daemon)
     "started": None,
     "ended": None,
     "exited": False,
@@ -548,6 +549,7 @@ class Job:
         self.pid = 0
         self.host = ""
         self.host_ip = ""
+        self.host_id = ""
         self.started: Optional[float] = None
         self.ended: Optional[float] = None
         self.exited = False

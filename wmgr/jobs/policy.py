@@ -27,6 +27,8 @@ class QueuePolicy:
     # are removed (0: keep).
     history_max_age: float
     history_max_count: int
+    # Whether this daemon starts ready jobs itself; with False only workers run them (pulled).
+    run_local: bool
 
     @classmethod
     def from_config(cls, config: Any = None, **overrides: Any) -> "QueuePolicy":

@@ -15,7 +15,8 @@ Rules this module keeps:
 
 This module holds the state machine alone: what may happen to a job and when. Its neighbours:
 journal.py (every store write, batched, and every SQL statement), recovery.py (what an earlier
-daemon left), reads.py (finding jobs), runner.py and launcher.py (processes).
+daemon left), reads.py (finding jobs), runner.py and launcher.py (processes), remote.py (runs on
+workers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job, stored_json
 from wmgr.jobs.notices import Notices
 from wmgr.jobs.policy import QueuePolicy
+from wmgr.jobs.remote import RemoteRuns
 from wmgr.jobs.runner import (
     JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp, remove_workdir,
     spawn_in_session,
@@ -66,7 +68,7 @@ class Counters:
         self.started = self.completed = self.failed = 0
 
 
-class JobQueue(Service):
+class JobQueue(RemoteRuns, Service):
     """Live jobs, their transitions, and the local runs that carry them out. A Service: started,
     it loads the live jobs and settles what an earlier daemon left (`ready` fires then); stopped,
     it starts nothing more and writes what it holds."""
@@ -482,13 +484,16 @@ class JobQueue(Service):
         if save:
             self._save([job])
 
-    def _failed(self, job: Job, reason: str, permanent: bool = False) -> None:
+    def _failed(self, job: Job, reason: str, permanent: bool = False, immediate: bool = False) -> None:
         """A run failed: delayed for a retry while retries are left, else buried."""
         self.counters.failed += 1
         job.failures += 1
         job.fail_reason = reason
         if permanent or job.failures > job.spec.get("retries", 0):
             job.state = model.BURIED
+            return
+        if immediate:
+            self._make_ready(job, save=False)
             return
         delay = self.policy.backoff(job.failures)
         job.state = model.DELAYED
@@ -525,7 +530,7 @@ class JobQueue(Service):
 
     def _schedule(self) -> None:
         self._schedule_call = None
-        if self.paused or self.draining or not self.running:
+        if self.paused or self.draining or not self.running or not self.policy.run_local:
             return
         for job in self.scheduler.pick(self.live.get, _is_ready, self._limits_permit):
             self.limits.take(job.spec.get("limit_grps") or ())
@@ -534,8 +539,9 @@ class JobQueue(Service):
     def _limits_permit(self, job: Job) -> bool:
         return self.limits.permits(job.spec.get("limit_grps") or ())
 
-    def _release(self, job: Job) -> None:
-        self.scheduler.release(job)
+    def _release(self, job: Job, local: bool = True) -> None:
+        if local:
+            self.scheduler.release(job)
         self.limits.release(job.spec.get("limit_grps") or ())
 
     def _start(self, job: Job) -> None:
@@ -618,7 +624,7 @@ class JobQueue(Service):
 
     def _end(self, result: RunResult, job: Job, run: Any, behaviours: Any, remove: bool) -> Deferred[None]:
         self.runs.pop(job.key, None)
-        self._release(job)
+        self._release(job, local=not getattr(run, "remote", False))
         # The slot is free now: the next job need not wait for this one's end to be committed.
         # The pass waits a moment so that the ends of that moment share it (one pass, one write
         # to each launcher, one reactor turn for several starts).
@@ -680,6 +686,10 @@ class JobQueue(Service):
                 job.memory_floor = memory_after_ram_failure(job.peak_ram, job.memory)
             self._failed(job, result.kill_reason)
             return [(job.spec["req_grp"], job.peak_ram, walltime)]
+        elif result.lost and getattr(result, "host_lost", False):
+            # Its worker went silent: the job did not fail, its host did. It counts against the
+            # retries, but is ready again at once (no back-off) for another worker.
+            self._failed(job, model.FAIL_LOST, immediate=True)
         elif result.lost:
             self.counters.failed += 1
             job.state, job.fail_reason = model.LOST, model.FAIL_LOST

@@ -162,6 +162,7 @@ class RunResult:
     kill_reason: str = ""
     lost: bool = False
     start_error: str = ""  # the process could not be started: why
+    host_lost: bool = False  # lost because the worker that ran it went silent or left
 
 
 class RunFiles:

@@ -101,11 +101,20 @@ class Scheduler:
         else:
             self.used_cores -= job.cores
 
+    def view(self, capacity: Capacity) -> "Scheduler":
+        """A scheduler over the same ready jobs with another machine's free room (a worker
+        pulling work): what it picks leaves the ready groups, its accounting is its own."""
+        other = Scheduler(capacity)
+        other._groups = self._groups
+        return other
+
     def pick(self, lookup: Callable[[str], Optional[Job]], is_ready: Callable[[Job], bool],
-             permits: Callable[[Job], bool] = lambda job: True) -> Iterator[Job]:
+             permits: Callable[[Job], bool] = lambda job: True, hand_misfits: bool = True) -> Iterator[Job]:
         """Yield ready jobs that fit, taking their resources. `lookup` and `is_ready` let stale
         entries (jobs deleted or changed since they were pushed) be dropped as they are met;
-        `permits` says whether the job's limit groups let it start now."""
+        `permits` says whether the job's limit groups let it start now. With `hand_misfits`, a
+        job too big for the capacity is yielded too (for the caller to bury); without, it waits
+        for a bigger machine."""
         order = sorted(
             (shape for shape, heap in self._groups.items() if heap),
             key=lambda s: (-s[0], -max(s[1] / max(self.capacity.cores, 1e-9), s[2] / max(self.capacity.memory, 1)),
@@ -121,7 +130,8 @@ class Scheduler:
                     continue
                 # A job that can never fit is handed out all the same, so that the caller can
                 # bury it ("resource requirements cannot be met") instead of it waiting forever.
-                if not self.never_fits(job) and (not self.fits(job) or not permits(job)):
+                misfit = self.never_fits(job)
+                if (misfit and not hand_misfits) or (not misfit and (not self.fits(job) or not permits(job))):
                     break
                 heapq.heappop(heap)
                 self.take(job)

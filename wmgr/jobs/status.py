@@ -60,7 +60,7 @@ FIELDS = (
     Field("FailReason", "job.fail_reason", _STR, ""),
     Field("Pid", "job.pid", _INT, 0),
     Field("Host", "job.host", _STR, ""),
-    Field("HostID", '""', _STR, ""),
+    Field("HostID", "job.host_id", _STR, ""),
     Field("HostIP", "job.host_ip", _STR, ""),
     Field("Walltime", "job.walltime(now)", _NUM, 0.0),
     Field("CPUtime", "job.cpu_time", _NUM),
@@ -84,7 +84,7 @@ OPTIONAL_SHOWN = frozenset(("dep_grps", "deps", "monitor_docker", "container_mou
 # The job attributes a never-run job has at their initial values (with their exact types): a job
 # whose attributes all are shows the initial value of every field that has one.
 _FRESH_ATTRIBUTES = {"actual_cwd": "", "home_changed": False, "peak_ram": 0, "exited": False, "exitcode": 0,
-                     "fail_reason": "", "pid": 0, "host": "", "host_ip": "", "started": None, "ended": None,
+                     "fail_reason": "", "pid": 0, "host": "", "host_ip": "", "host_id": "", "started": None, "ended": None,
                      "attempts": 0, "memory_floor": 0}
 
 

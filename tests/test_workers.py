@@ -1,0 +1,236 @@
+"""The worker protocol, manager side: wmgr.workers.registry (leases, liveness) over the real job
+queue, driven by a Clock with a fake spawner and a synchronous store (see test_queue.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.internet import TimerService
+from twisted.internet.task import Clock
+
+from tests.test_queue import Harness
+from wmgr.daemon import guarded
+from wmgr.errors import Conflict
+from wmgr.jobs import model
+from wmgr.servers import BadServers
+from wmgr.workers.registry import OFFLINE, ONLINE, RemoteRun, Workers
+
+TIMEOUT = 60.0
+
+
+class Manager(Harness):
+    """A queue that runs nothing itself, and its registry of workers."""
+
+    def __init__(self, tmp_path: Path, **policy: Any) -> None:
+        policy.setdefault("run_local", False)
+        super().__init__(tmp_path, **policy)
+        self.bad = BadServers()
+        sessions = iter(f"session{i}" for i in range(1000))
+        self.workers = Workers(self.queue, self.clock, TIMEOUT, 5.0, self.bad, new_session=lambda: next(sessions))
+
+    def join(self, name: str, ip: str = "10.0.0.1") -> str:
+        return self.workers.register(name, ip, 4, 8000).session
+
+    def pull(self, name: str, session: str, cores: float = 4, memory: int = 8000, slots: int = 8) -> list[dict[str, Any]]:
+        jobs = self.workers.pull(name, session, cores, memory, slots)
+        self.settle()
+        return jobs
+
+    def report(self, name: str, payload: dict[str, Any], event: str, **fields: Any) -> None:
+        self.workers.report(name, [dict(fields, key=payload["key"], attempt=payload["attempt"], event=event)])
+        self.settle()
+
+
+@pytest.fixture
+def m(tmp_path: Path) -> Manager:
+    manager = Manager(tmp_path)
+    manager.start()
+    return manager
+
+
+def test_the_manager_runs_nothing_itself_when_run_local_is_off(m: Manager) -> None:
+    (job,) = m.add({"cmd": "true"})
+    m.settle()
+    assert m.spawner.spawned == [] and job.state == model.READY
+
+
+def test_a_pull_hands_out_what_fits_each_job_to_one_worker_under_a_lease(m: Manager) -> None:
+    jobs = m.add(*({"cmd": f"job {i}", "cpus": 1} for i in range(5)))
+    a, b = m.join("a", "10.0.0.1"), m.join("b", "10.0.0.2")
+    first = m.pull("a", a, cores=3, memory=8000)
+    assert [p["key"] for p in first] == [job.key for job in jobs[:3]]  # three cores: three jobs
+    second = m.pull("b", b, cores=8, memory=8000)
+    assert [p["key"] for p in second] == [job.key for job in jobs[3:]]  # never the same job twice
+    assert m.pull("b", b) == []
+    job = jobs[0]
+    assert job.state == model.RESERVED and job.host == "a" and job.host_ip == "10.0.0.1" and job.attempts == 1
+    status = job.status(m.clock.seconds())
+    assert (status["Host"], status["HostIP"], status["HostID"]) == ("a", "10.0.0.1", m.workers.workers["a"].instance)
+    assert first[0]["attempt"] == 1 and first[0]["spec"]["cmd"] == "job 0"
+    assert isinstance(m.queue.runs[job.key], RemoteRun)
+    assert m.workers.counts() == {"online": 2, "offline": 0, "leases": 5}
+
+
+def test_a_pull_respects_memory_and_zero_core_slots(m: Manager) -> None:
+    m.add({"cmd": "big", "memory": "3G"}, {"cmd": "small 1"}, {"cmd": "small 2"}, {"cmd": "small 3"})
+    a = m.join("a")
+    pulled = m.pull("a", a, cores=0, memory=2000, slots=2)
+    assert sorted(p["spec"]["cmd"] for p in pulled) == ["small 1", "small 2"]  # big waits for room
+
+
+def test_start_and_end_reports_run_the_job_as_a_local_one(m: Manager) -> None:
+    (job,) = m.add({"cmd": "true"})
+    a = m.join("a")
+    (payload,) = m.pull("a", a)
+    m.report("a", payload, "start", pid=4242, started=m.clock.seconds())
+    assert job.state == model.RUNNING and job.pid == 4242
+    m.clock.advance(3)
+    m.report("a", payload, "end", exitcode=0, started=m.clock.seconds() - 3, ended=m.clock.seconds(),
+             cpu_time=1.5, peak_ram=12, stdout="hi")
+    assert job.state == model.COMPLETE and job.cpu_time == 1.5 and job.peak_ram == 12 and job.walltime(0) == 3
+    assert m.store.row(job.key) == (model.COMPLETE, "")
+    assert m.workers.counts()["leases"] == 0
+    # The same end delivered again, or one for another attempt, changes nothing.
+    m.report("a", payload, "end", exitcode=1)
+    assert m.store.row(job.key) == (model.COMPLETE, "")
+
+
+def test_a_report_for_someone_elses_lease_is_ignored(m: Manager) -> None:
+    (job,) = m.add({"cmd": "false", "retries": 0})
+    a, _ = m.join("a"), m.join("b")
+    (payload,) = m.pull("a", a)
+    m.report("b", payload, "end", exitcode=1)
+    m.report("a", dict(payload, attempt=2), "end", exitcode=1)
+    assert job.state == model.RESERVED
+    m.report("a", payload, "end", exitcode=1)
+    assert job.state == model.BURIED and job.fail_reason == model.FAIL_NONZERO
+
+
+def test_a_silent_worker_goes_offline_after_the_timeout_and_its_jobs_run_elsewhere(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 3})
+    a, b = m.join("a"), m.join("b")
+    (payload,) = m.pull("a", a)
+    m.report("a", payload, "start", pid=1)
+    m.clock.advance(TIMEOUT)
+    m.workers.check()
+    assert m.workers.workers["a"].connection == ONLINE and job.state == model.RUNNING  # not yet
+    m.workers.beat("b", b, [])
+    m.clock.advance(0.1)
+    m.workers.check()
+    m.settle()
+    assert m.workers.workers["a"].connection == OFFLINE and m.workers.workers["b"].connection == ONLINE
+    assert job.state == model.READY and job.failures == 1 and job.fail_reason == model.FAIL_LOST
+    assert [s["Name"] for s in m.bad.all()] == ["a"] and "silent" in m.bad.all()[0]["Problem"]
+    (again,) = m.pull("b", b)  # at once: no back-off for a lost host
+    assert again["key"] == job.key and again["attempt"] == 2 and job.host == "b"
+
+
+def test_a_lost_job_without_retries_left_is_buried(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 0})
+    a = m.join("a")
+    m.pull("a", a)
+    m.clock.advance(TIMEOUT + 1)
+    m.workers.check()
+    m.settle()
+    assert job.state == model.BURIED and job.fail_reason == model.FAIL_LOST
+    assert m.store.row(job.key) == (model.BURIED, model.FAIL_LOST)
+
+
+def test_a_worker_that_comes_back_is_online_and_told_to_stop_work_given_away(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 3})
+    a, b = m.join("a"), m.join("b")
+    (payload,) = m.pull("a", a)
+    m.clock.advance(TIMEOUT + 1)
+    m.workers.beat("b", b, [])
+    m.workers.check()
+    m.settle()
+    m.pull("b", b)
+    reply = m.workers.beat("a", a, [job.key])
+    assert m.workers.workers["a"].connection == ONLINE and m.bad.all() == []
+    assert reply["stop"] == [job.key]
+    assert m.workers.may_run("a", a, [(job.key, payload["attempt"])]) == {"run": [], "stop": [job.key]}
+    # Its late end report is stale: the job is b's now.
+    m.report("a", payload, "end", exitcode=0)
+    assert job.state == model.RESERVED and job.host == "b"
+
+
+def test_heartbeats_renew_leases(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep"})
+    a = m.join("a")
+    (payload,) = m.pull("a", a)
+    for _ in range(30):
+        m.clock.advance(5)
+        assert m.workers.beat("a", a, [job.key]) == {"stop": [], "kill": {}, "ready": 0}
+        m.workers.check()
+    assert job.state == model.RESERVED and m.workers.may_run("a", a, [(job.key, 1)])["run"] == [job.key]
+
+
+def test_a_kill_reaches_the_worker_in_its_heartbeat_reply(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep"})
+    a = m.join("a")
+    (payload,) = m.pull("a", a)
+    m.report("a", payload, "start", pid=7)
+    assert m.run(m.queue.kill([job])) == [job]
+    assert m.workers.beat("a", a, [job.key])["kill"] == {job.key: model.FAIL_KILLED}
+    assert m.workers.may_run("a", a, [(job.key, 1)])["stop"] == [job.key]
+    m.report("a", payload, "end", signal=15, kill_reason=model.FAIL_KILLED)
+    assert job.state == model.BURIED and job.fail_reason == model.FAIL_KILLED
+
+
+def test_a_heartbeat_says_whether_a_pull_could_find_work(m: Manager) -> None:
+    a = m.join("a")
+    assert m.workers.beat("a", a, [])["ready"] == 0
+    m.add({"cmd": "true"}, {"cmd": "false"})
+    assert m.workers.beat("a", a, [])["ready"] == 2
+    m.workers.set_enabled("a", False)
+    assert m.workers.beat("a", a, [])["ready"] == 0
+
+
+def test_a_disabled_worker_gets_no_new_work(m: Manager) -> None:
+    m.add({"cmd": "true"})
+    a = m.join("a")
+    m.workers.set_enabled("a", False)
+    assert m.pull("a", a) == []
+    m.workers.set_enabled("a", True)
+    assert len(m.pull("a", a)) == 1
+
+
+def test_registering_again_ends_the_old_sessions_leases(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 1})
+    old = m.join("a")
+    m.pull("a", old)
+    new = m.join("a")
+    m.settle()
+    assert new != old and job.state == model.READY
+    with pytest.raises(Conflict):
+        m.workers.beat("a", old, [])
+    assert m.workers.may_run("a", new, [(job.key, 1)])["stop"] == [job.key]
+
+
+def test_a_worker_that_leaves_gives_its_jobs_back(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 1})
+    a = m.join("a")
+    m.pull("a", a)
+    m.workers.leave("a", a)
+    m.settle()
+    assert job.state == model.READY and "a" not in m.workers.workers
+
+
+def test_liveness_runs_as_a_timer_service_that_survives_a_failing_body(m: Manager) -> None:
+    clock = Clock()
+    calls: list[float] = []
+
+    def body() -> None:
+        calls.append(clock.seconds())
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    timer = TimerService(5, guarded("check workers' liveness", body))
+    timer.clock = clock
+    timer.startService()
+    for _ in range(3):
+        clock.advance(5)
+    timer.stopService()
+    assert calls == [0, 5, 10, 15]
