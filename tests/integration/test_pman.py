@@ -281,19 +281,21 @@ async def test_dbctl_clear_forgets_finished_jobs_only(pman: Pman, tmp_path: Path
     finished = await pman.run("true")
     await pman.wait(finished)
     running = await pman.run(f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    await pman.wait(running, ("started",))
+    try:
+        await pman.wait(running, ("started",))
 
-    # pman says "started" from the moment the job is reserved; wr says running once its pid is known.
-    async def running_in_wr() -> bool:
-        states = [job["State"] for job in await pman.client.jobs("pman")]
-        return "running" in states and "reserved" not in states
+        # pman says "started" from the moment the job is reserved; wr says running once its pid is known.
+        async def running_in_wr() -> bool:
+            states = [job["State"] for job in await pman.client.jobs("pman")]
+            return "running" in states and "reserved" not in states
 
-    await until(the_reactor(), running_in_wr, timeout=10)
-    reply = await pman.action("DBctl", do="clear")
-    assert reply["status"] is True, reply
-    assert list((await pman.get(""))["GET"]) == [running]
-    assert [job["State"] for job in await pman.client.jobs("pman")] == ["running"]
-    gate.touch()
+        await until(the_reactor(), running_in_wr, timeout=10)
+        reply = await pman.action("DBctl", do="clear")
+        assert reply["status"] is True, reply
+        assert list((await pman.get(""))["GET"]) == [running]
+        assert [job["State"] for job in await pman.client.jobs("pman")] == ["running"]
+    finally:
+        gate.touch()  # a failed assertion must not leave the job waiting for ever (the daemon adopts it)
     assert await pman.wait(running) == "finishedSuccessfully"
 
 
