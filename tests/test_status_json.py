@@ -59,6 +59,10 @@ def test_a_new_job_has_exactly_the_run_fields_and_their_initial_values():
 def test_reset_run_gives_back_the_initial_values_but_keeps_the_counters():
     job = ran(make_job(), failures=2, memory_floor=3000, attempts=3)
     job.stdout = "x"
+    # Every run field away from its initial value, so that one the reset forgets shows.
+    for name, initial in RUN_FIELDS.items():
+        if getattr(job, name) == initial and name not in ("attempts", "failures", "memory_floor"):
+            setattr(job, name, "x" if isinstance(initial, str) else 1 if initial is None else initial or 1)
     job.reset_run()
     assert job.run_record() == {**RUN_FIELDS, "attempts": 3, "failures": 2, "memory_floor": 3000}
     assert job.stdout == ""

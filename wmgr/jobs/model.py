@@ -594,6 +594,7 @@ class Job:
         self.pid = 0
         self.host = ""
         self.host_ip = ""
+        self.host_id = ""
         self.started = None
         self.ended = None
         self.exited = False
