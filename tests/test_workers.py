@@ -26,7 +26,7 @@ class Manager(Harness):
     def __init__(self, tmp_path: Path, **policy: Any) -> None:
         policy.setdefault("run_local", False)
         super().__init__(tmp_path, **policy)
-        self.bad = BadServers()
+        self.bad = BadServers(self.clock)
         sessions = iter(f"session{i}" for i in range(1000))
         self.workers = Workers(self.queue, self.clock, TIMEOUT, 5.0, self.bad, new_session=lambda: next(sessions))
 
@@ -123,6 +123,7 @@ def test_a_silent_worker_goes_offline_after_the_timeout_and_its_jobs_run_elsewhe
     assert m.workers.workers["a"].connection == OFFLINE and m.workers.workers["b"].connection == ONLINE
     assert job.state == model.READY and job.failures == 1 and job.fail_reason == model.FAIL_LOST
     assert [s["Name"] for s in m.bad.all()] == ["a"] and "silent" in m.bad.all()[0]["Problem"]
+    assert m.bad.all()[0]["Date"] == int(m.clock.seconds())  # the reactor's time, not the wall clock
     (again,) = m.pull("b", b)  # at once: no back-off for a lost host
     assert again["key"] == job.key and again["attempt"] == 2 and job.host == "b"
 

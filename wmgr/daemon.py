@@ -115,7 +115,7 @@ class WmgrService(MultiService):
         self.dashboard: Optional[Dashboard] = None
         self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
         # Hosts that stopped answering; the worker role reports them here.
-        self.bad_servers = BadServers()
+        self.bad_servers = BadServers(reactor)
 
     @property
     def data_dir(self) -> Path:

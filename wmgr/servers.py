@@ -7,7 +7,6 @@ dead (DELETE /rest/v1/servers/?id=...).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +27,13 @@ class BadServer:
 
 
 class BadServers:
-    def __init__(self) -> None:
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock  # the reactor (a Clock in tests): when a server was reported
         self._servers: dict[str, BadServer] = {}
 
     def report(self, server_id: str, name: str, ip: str, problem: str = "") -> None:
         if server_id not in self._servers:
-            self._servers[server_id] = BadServer(server_id, name, ip, int(time.time()), problem)
+            self._servers[server_id] = BadServer(server_id, name, ip, int(self._clock.seconds()), problem)
 
     def recovered(self, server_id: str) -> None:
         self._servers.pop(server_id, None)
