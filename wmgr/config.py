@@ -119,6 +119,18 @@ def _db_name(text: str) -> str:
     return text.strip()
 
 
+def _backend(text: str) -> str:
+    if text.strip() not in ("local", "slurm"):
+        raise ValueError("backend is local or slurm")
+    return text.strip()
+
+
+def _shell_words(text: str) -> list[str]:
+    import shlex
+
+    return shlex.split(text)
+
+
 def default_data_dir() -> Path:
     return _data_dir(os.environ.get("WMGR_DATA_DIR") or "~/.wmgr")
 
@@ -190,6 +202,31 @@ class Config:
     worker_heartbeat: float = field(default=5.0, metadata={"ini": ("worker", "heartbeat", float)})
     worker_cores: Optional[float] = field(default=None, metadata={"ini": ("worker", "max_cores", _optional_float)})
     worker_memory: Optional[int] = field(default=None, metadata={"ini": ("worker", "max_memory", _memory_mb)})
+
+    # Where jobs run: "local" (this daemon, and any workers) or "slurm" (runners submitted to Slurm).
+    scheduler_backend: str = field(default="local", metadata={"ini": ("scheduler", "backend", _backend)})
+    slurm_partition: str = field(default="", metadata={"ini": ("slurm", "partition", str)})
+    slurm_account: str = field(default="", metadata={"ini": ("slurm", "account", str)})
+    slurm_qos: str = field(default="", metadata={"ini": ("slurm", "qos", str)})
+    slurm_extra_args: list[str] = field(default_factory=list, metadata={"ini": ("slurm", "extra_args", _shell_words)})
+    slurm_max_runners: int = field(default=4, metadata={"ini": ("slurm", "max_runners", int)})
+    slurm_pack: int = field(default=8, metadata={"ini": ("slurm", "pack", int)})
+    slurm_idle_exit: float = field(default=30.0, metadata={"ini": ("slurm", "idle_exit", float)})
+    slurm_poll_interval: float = field(default=2.0, metadata={"ini": ("slurm", "poll_interval", float)})
+    slurm_min_time: float = field(default=600.0, metadata={"ini": ("slurm", "min_time", float)})
+    slurm_runner_memory: int = field(default=200, metadata={"ini": ("slurm", "runner_memory", int)})
+    slurm_memory_margin: float = field(default=0.10, metadata={"ini": ("slurm", "memory_margin", float)})
+    slurm_time_margin: float = field(default=0.10, metadata={"ini": ("slurm", "time_margin", float)})
+    slurm_backoff_base: float = field(default=5.0, metadata={"ini": ("slurm", "backoff_base", float)})
+    slurm_backoff_cap: float = field(default=600.0, metadata={"ini": ("slurm", "backoff_cap", float)})
+    slurm_heartbeat: float = field(default=2.0, metadata={"ini": ("slurm", "heartbeat", float)})
+    slurm_python: str = field(default="", metadata={"ini": ("slurm", "python", str)})
+    slurm_manager_url: str = field(default="", metadata={"ini": ("slurm", "manager_url", str)})
+    slurm_output: str = field(default="/dev/null", metadata={"ini": ("slurm", "output", str)})
+    slurm_sbatch: str = field(default="sbatch", metadata={"ini": ("slurm", "sbatch", str)})
+    slurm_squeue: str = field(default="squeue", metadata={"ini": ("slurm", "squeue", str)})
+    slurm_scontrol: str = field(default="scontrol", metadata={"ini": ("slurm", "scontrol", str)})
+    slurm_scancel: str = field(default="scancel", metadata={"ini": ("slurm", "scancel", str)})
 
     @classmethod
     def load(cls, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "Config":
@@ -264,6 +301,15 @@ class Config:
             raise InvalidRequest("[connections] match must be fullmatch or search")
         if self.dbs_backend == "mysql" and not self.dbs_url:
             raise InvalidRequest("[dbs] backend = mysql needs url = mysql://user:password@host:port")
+        if self.slurm_max_runners < 1 or self.slurm_pack < 1 or self.slurm_idle_exit < 0 or \
+                self.slurm_poll_interval <= 0 or self.slurm_heartbeat <= 0 or self.slurm_min_time < 0 or \
+                self.slurm_runner_memory < 0 or self.slurm_memory_margin < 0 or self.slurm_time_margin < 0 or \
+                not 0 < self.slurm_backoff_base <= self.slurm_backoff_cap:
+            raise InvalidRequest("[slurm] max_runners and pack must be >= 1, poll_interval and heartbeat > 0, "
+                                 "idle_exit, min_time, runner_memory and margins >= 0, "
+                                 "0 < backoff_base <= backoff_cap")
+        if self.slurm_manager_url and not self.slurm_manager_url.startswith(("https://", "http://")):
+            raise InvalidRequest(f"[slurm] manager_url {self.slurm_manager_url!r} is not an http(s) URL")
         if self.services_script_timeout <= 0 or self.services_kill_grace < 0 or \
                 not 0 < self.services_restart_min_delay <= self.services_restart_max_delay:
             raise InvalidRequest("[services] script_timeout must be > 0, kill_grace >= 0, "

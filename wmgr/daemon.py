@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
@@ -35,6 +36,7 @@ from wmgr.api.qserv_dbs import QSERV_DBS_PATHS, QservDbsAPI
 from wmgr.api.qserv_services import QSERV_SERVICES_PATHS, QservServicesAPI
 from wmgr.api.root import Root, RootApp, Surface
 from wmgr.api.sessions import Sessions
+from wmgr.api.slurm import SLURM_PATHS, SlurmAPI
 from wmgr.api.workers import WORKER_PATHS, WorkersAPI
 from wmgr.api.wr import WrAPI
 from wmgr.auth import TOKEN_FILE, WORKER_TOKEN_FILE, ensure_token
@@ -111,6 +113,7 @@ class WmgrService(MultiService):
         self.launcher: Optional[LauncherPool] = None
         self.workers: Optional[Workers] = None
         self.agent: Any = None
+        self.slurm: Any = None  # wmgr.slurm's runners, with [scheduler] backend = slurm
         self._started: Optional[Deferred[None]] = None
         self.dashboard: Optional[Dashboard] = None
         self.start_failure: Optional[Any] = None  # the Failure that stopped the start (tap.py exits 1)
@@ -143,13 +146,15 @@ class WmgrService(MultiService):
         worker_token = ensure_token(self.data_dir, WORKER_TOKEN_FILE)
         self.tls = ServerTLS(self.data_dir, config.tls_names)
 
+        slurm_commands = self._slurm_commands()  # before anything starts: no Slurm, no start
         self.store = Store(self.data_dir / "wmgr.db", self._reactor)
         self.store.setServiceParent(self)
         capacity = Capacity.detect(config.max_cores, config.max_memory, config.zero_core_slots)
         self.launcher = LauncherPool(self._reactor, config.launchers or os.cpu_count() or 1)
         self.launcher.setServiceParent(self)
         self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity,
-                              QueuePolicy.from_config(config), spawn=self.launcher.spawn)
+                              QueuePolicy.from_config(config, run_local=config.run_local and slurm_commands is None),
+                              spawn=self.launcher.spawn)
         self.queue.on_drained = self._drained
         self.queue.setServiceParent(self)
         await self.queue.ready
@@ -167,9 +172,12 @@ class WmgrService(MultiService):
         if config.manager_url:
             await self._become_worker()
 
+        if slurm_commands is not None:
+            self._make_slurm(slurm_commands, worker_token)
         uploads = Uploads(self.data_dir / "uploads", config.upload_roots)
         openapi = document([WR_PATHS, PMAN_PATHS, WORKER_PATHS, FLAMENCO_PATHS, CONNECTIONS_PATHS, QSERV_SERVICES_PATHS,
-                            QSERV_DBS_PATHS, DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS], [QSERV_SCHEMAS])
+                            QSERV_DBS_PATHS, DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS]
+                           + ([SLURM_PATHS] if self.slurm is not None else []), [QSERV_SCHEMAS])
         self.metrics = Metrics(openapi["paths"])
         self.metrics.watch(self.queue, self.launcher, self.store)
         self.metrics.watch_workers(self.workers)
@@ -179,6 +187,9 @@ class WmgrService(MultiService):
                     (("worker",), WorkersAPI(self.workers).resource()),
                     (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource()),
                     Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
+        if self.slurm is not None:
+            surfaces.append((("slurm",), SlurmAPI(self.slurm).resource()))
+            self.metrics.watch_slurm(self.slurm)
         connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)
         await connections.load()
         connections.setServiceParent(self)
@@ -230,8 +241,53 @@ class WmgrService(MultiService):
         if self.http_port is not None:
             http_url = f"http://{url_host(config.interface)}:{self.http_port}/"
             write_public(self.data_dir / HTTP_URL_FILE, http_url.encode() + b"\n")
+        if self.slurm is not None:
+            self._watch_slurm()
         write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")
         self._announce(first_start)
+
+    def _slurm_commands(self) -> Any:
+        """With [scheduler] backend = slurm: Slurm's commands, each found, or the start fails."""
+        if self.config.scheduler_backend != "slurm":
+            return None
+        from wmgr.slurm.commands import SlurmCommands
+
+        c = self.config
+        commands = SlurmCommands(self._reactor, c.slurm_sbatch, c.slurm_squeue, c.slurm_scontrol, c.slurm_scancel)
+        commands.check()
+        return commands
+
+    def _make_slurm(self, commands: Any, worker_token: str) -> None:
+        """Runners submitted to Slurm run the queue (wmgr.slurm); see _watch_slurm."""
+        import sys
+
+        from wmgr.slurm.service import SlurmRunners, SlurmSettings, manager_id
+
+        c = self.config
+        assert self.queue is not None and self.workers is not None
+        ca_pem = (self.data_dir / "ca.pem").read_bytes()
+        settings = SlurmSettings(
+            partition=c.slurm_partition, account=c.slurm_account, qos=c.slurm_qos, extra_args=c.slurm_extra_args,
+            max_runners=c.slurm_max_runners, pack=c.slurm_pack, idle_exit=c.slurm_idle_exit,
+            poll_interval=c.slurm_poll_interval, min_time=c.slurm_min_time, runner_memory=c.slurm_runner_memory,
+            memory_margin=c.slurm_memory_margin, time_margin=c.slurm_time_margin,
+            backoff_base=c.slurm_backoff_base, backoff_cap=c.slurm_backoff_cap, python=c.slurm_python or sys.executable,
+            manager_url=c.slurm_manager_url, output=c.slurm_output, heartbeat=c.slurm_heartbeat)
+        self.slurm = SlurmRunners(self._reactor, self.queue, self.workers, commands, settings, manager_id(ca_pem),
+                                  ca_pem.decode(), worker_token, self.bad_servers)
+        self.slurm.setServiceParent(self)
+
+    def _watch_slurm(self) -> None:
+        """Once listening (the runners need the port): watch the runners, submit more."""
+        assert self.slurm is not None
+        settings = self.slurm.settings
+        if not settings.manager_url:
+            # Nodes reach a manager on a loopback interface only on this host (a one-node cluster).
+            local = self.config.interface in ("127.0.0.1", "::1", "localhost")
+            settings.manager_url = self.url if local else f"https://{socket.gethostname()}:{self.port}/"
+        self._add_timer(settings.poll_interval, "watch Slurm runners and submit more", self.slurm.poll)
+        log.info("[scheduler] backend = slurm: runners ({name}) reach this manager at {url}",
+                 name=self.slurm.job_name, url=settings.manager_url)
 
     async def _become_worker(self) -> None:
         """The worker role: an agent that pulls the manager's jobs and runs them here."""
@@ -298,7 +354,7 @@ class WmgrService(MultiService):
             "WebPort": str(self.port),
             "PID": os.getpid(),
             "Deployment": self.config.deployment,
-            "Scheduler": "local",
+            "Scheduler": self.config.scheduler_backend,
             "Mode": self.queue.mode,
         }
 

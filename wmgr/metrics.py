@@ -10,7 +10,8 @@ prometheus_client:
 - JobQueue.usage() -> running, cores_used, cores_total, memory_used_mb, memory_total_mb;
 - LauncherPool.restarts, launcher processes started again after one ended;
 - Store.commit_observers, called on the reactor thread with each batch commit's seconds;
-- Workers.counts() -> online, offline, leases (the manager's side of the worker protocol).
+- Workers.counts() -> online, offline, leases (the manager's side of the worker protocol);
+- SlurmRunners.counts() -> {Slurm state: runners}, .submitted, .submit_failures, .runner_failures.
 
 HTTP requests are counted by route TEMPLATE (the OpenAPI path, such as /rest/v1/jobs/{ids}), never
 by raw path, so the number of series stays bounded whatever clients ask for.
@@ -141,6 +142,29 @@ class WorkerCollector:
         yield GaugeMetricFamily("wmgr_worker_leases", "Jobs handed to workers and not yet ended", value=counts["leases"])
 
 
+class SlurmCollector:
+    """The Slurm runners (wmgr.slurm): by state, and submissions and failures since the start."""
+
+    def __init__(self, runners: Any) -> None:
+        self.runners = runners
+
+    def collect(self) -> Iterator[Metric]:
+        by_state = GaugeMetricFamily("wmgr_slurm_runners", "This manager's Slurm runners, by Slurm job state",
+                                     labels=["state"])
+        for state, count in sorted(self.runners.counts().items()):
+            by_state.add_metric([state], count)
+        yield by_state
+        yield CounterMetricFamily("wmgr_slurm_runners_submitted", "Runners submitted with sbatch",
+                                  value=self.runners.submitted)
+        yield CounterMetricFamily("wmgr_slurm_submit_failures", "sbatch calls that failed",
+                                  value=self.runners.submit_failures)
+        yield CounterMetricFamily("wmgr_slurm_runner_failures",
+                                  "Runners whose Slurm job ended in failure (cancelled, timed out, out of memory...)",
+                                  value=self.runners.runner_failures)
+        yield GaugeMetricFamily("wmgr_slurm_held_seconds", "Seconds before the back-off lets a runner be submitted",
+                                value=self.runners.held_for())
+
+
 class Metrics:
     """One daemon's registry, its HTTP and store metrics, and the job collector."""
 
@@ -161,6 +185,9 @@ class Metrics:
 
     def watch_workers(self, workers: Any) -> None:
         self.registry.register(WorkerCollector(workers))
+
+    def watch_slurm(self, runners: Any) -> None:
+        self.registry.register(SlurmCollector(runners))
 
     def watch_connections(self, connections: Any) -> None:
         self.registry.register(ConnectionCollector(connections))

@@ -133,8 +133,9 @@ class WorkersAPI:
         body = _object(request)
         name, session = self._session(body)
         most = int(_number(body, "most", 0, MAX_ITEMS)) if "most" in body else 0
+        time_left = _number(body, "time_left") if body.get("time_left") is not None else None
         jobs = self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
-                                 int(_number(body, "slots", 0, MAX_ITEMS)), most)
+                                 int(_number(body, "slots", 0, MAX_ITEMS)), most, time_left)
         return json_response(request, {"jobs": jobs})
 
     @app.route("/worker/v1/may-run", methods=["POST"])
@@ -198,9 +199,10 @@ WORKER_PATHS: dict[str, Any] = {
         _body(("name", "session"), name=_NAME, session=_SESSION, running=_KEYS, figures=_OBJ, output=_OBJ),
         {"type": "object", "properties": {"stop": _KEYS, "kill": _OBJ, "ready": {"type": "integer"}}}),
     "/worker/v1/pull": _op(
-        "ready jobs that fit the worker's free cores, memory and zero-core slots, each under a lease",
+        "ready jobs that fit the worker's free cores, memory and zero-core slots (and, with time_left, "
+        "end within that many seconds), each under a lease",
         _body(("name", "session", "cores", "memory", "slots"), name=_NAME, session=_SESSION, cores=_ROOM,
-              memory=_ROOM, slots=_ROOM, most=_ROOM),
+              memory=_ROOM, slots=_ROOM, most=_ROOM, time_left=_ROOM),
         {"type": "object", "properties": {"jobs": {"type": "array", "items": _OBJ}}}),
     "/worker/v1/may-run": _op(
         "may I run: jobs as [key, attempt] pairs; answers run and stop lists",

@@ -9,7 +9,7 @@ once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from wmgr.jobs import model
 from wmgr.jobs.model import Job
@@ -22,16 +22,22 @@ if TYPE_CHECKING:
 class RemoteRuns:
     """JobQueue's methods for runs on workers (a mixin: the state they touch is the queue's)."""
 
-    def hand_out(self: "JobQueue", capacity: Capacity, remote_run: Callable[[Job], Any], most: int = 0) -> list[Job]:
+    def hand_out(self: "JobQueue", capacity: Capacity, remote_run: Callable[[Job], Any], most: int = 0,
+                 time_left: Optional[float] = None) -> list[Job]:
         """Give ready jobs that fit `capacity` (a worker's free room) to a remote run each:
         `remote_run(job)` returns a Run whose `done` fires when the worker reports the end or is
         lost. The jobs are running (reserved until the worker reports the start) and hold their
-        limit groups; the local scheduler's own capacity is not touched."""
+        limit groups; the local scheduler's own capacity is not touched. With `time_left`, a job
+        expected to take longer (its time plus the time margin) waits for another worker."""
         if self.paused or self.draining or not self.running:
             return []
         view = self.scheduler.view(capacity)
         jobs = []
-        for job in view.pick(self.live.get, _is_ready, self._limits_permit, hand_misfits=False):
+        permits = self._limits_permit
+        if time_left is not None:
+            margin = 1 + self.policy.time_margin
+            permits = lambda job: job.expected_time * margin <= time_left and self._limits_permit(job)  # noqa: E731
+        for job in view.pick(self.live.get, _is_ready, permits, hand_misfits=False):
             self.limits.take(job.spec.get("limit_grps") or ())
             run = remote_run(job)
             job.reset_run()

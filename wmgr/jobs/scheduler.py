@@ -139,5 +139,17 @@ class Scheduler:
             if not heap:
                 del self._groups[shape]
 
+    def ready_shapes(self, lookup: Callable[[str], Optional[Job]]) -> list[tuple[Shape, int, float]]:
+        """The ready groups in the order a pass visits them: (shape, jobs in it (an upper bound:
+        stale entries count), expected seconds of its first job). For a batch scheduler sizing
+        runners (wmgr.slurm)."""
+        groups = [(shape, heap) for shape, heap in self._groups.items() if heap]
+        groups.sort(key=lambda item: (-item[0][0], -item[0][1], -item[0][2], item[1][0][0]))
+        shapes = []
+        for shape, heap in groups:
+            job = lookup(heap[0][1])
+            shapes.append((shape, len(heap), job.expected_time if job is not None else 0.0))
+        return shapes
+
     def waiting(self) -> int:
         return sum(len(heap) for heap in self._groups.values())

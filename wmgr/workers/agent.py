@@ -141,6 +141,8 @@ class WorkerAgent(Service):
         self._cycling: Optional[Deferred[None]] = None
         self._again = False
         self.ready: Optional[Deferred[None]] = None
+        # A batch runner's end (reactor seconds): it pulls only jobs expected to end before it.
+        self.deadline: Optional[float] = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -315,7 +317,12 @@ class WorkerAgent(Service):
         if (memory <= 0 or (cores < 0.01 and slots <= 0) or not self.running or self.stopping
                 or not self.manager_has_work):
             return
-        answer = await self._post("pull", {"cores": cores, "memory": memory, "slots": slots})
+        room: dict[str, Any] = {"cores": cores, "memory": memory, "slots": slots}
+        if self.deadline is not None:
+            room["time_left"] = self.deadline - self._reactor.seconds()
+            if room["time_left"] <= 0:
+                return
+        answer = await self._post("pull", room)
         pulled = [Slot(payload) for payload in answer["jobs"]]
         if not pulled:
             return

@@ -97,6 +97,9 @@ class RemoteRun:
     def gone(self) -> None:
         pass
 
+    def remove_files(self) -> None:
+        """The queue removes a run's files once its end is committed: a remote run has none here."""
+
     def end(self, result: RunResult) -> None:
         if self.finished:
             return
@@ -105,8 +108,9 @@ class RemoteRun:
             del self.worker.leases[self.key]
         self.done.callback(result)
 
-    def lose(self, now: float) -> None:
-        self.end(RunResult(exitcode=None, signal=None, started=self.started, ended=now, lost=True, host_lost=True))
+    def lose(self, now: float, reason: str = "") -> None:
+        self.end(RunResult(exitcode=None, signal=None, started=self.started, ended=now, lost=True, host_lost=True,
+                           stderr=reason))
 
 
 class Workers(Service):
@@ -211,13 +215,15 @@ class Workers(Service):
                 "ready": self.queue.scheduler.waiting() if worker.enabled else 0}
 
     def pull(self, name: str, session: str, cores: float, memory: int, slots: int,
-             most: int = 0) -> list[dict[str, Any]]:
-        """Hand the worker as many ready jobs as fit its free room, each under a lease."""
+             most: int = 0, time_left: Optional[float] = None) -> list[dict[str, Any]]:
+        """Hand the worker as many ready jobs as fit its free room, each under a lease; with
+        `time_left` (a batch runner's remaining seconds), only jobs expected to end within it."""
         worker = self.session_of(name, session)
         worker.last_seen = self._reactor.seconds()
         if not worker.enabled or worker.connection != ONLINE:
             return []
-        jobs = self.queue.hand_out(Capacity(cores, memory, slots), lambda job: self._lease(worker, job), most)
+        jobs = self.queue.hand_out(Capacity(cores, memory, slots), lambda job: self._lease(worker, job), most,
+                                   time_left)
         return [self._payload(job, worker.leases[job.key]) for job in jobs]
 
     def may_run(self, name: str, session: str, leases: Iterable[tuple[str, int]]) -> dict[str, list[str]]:
@@ -260,6 +266,20 @@ class Workers(Service):
         self._lose_leases(worker, self._reactor.seconds())
         del self.workers[name]
         log.info("worker {name} left", name=name)
+
+    def end_worker(self, name: str, reason: str) -> bool:
+        """A batch system (wmgr.slurm) says this worker's process has ended, and why: its leases
+        are lost with that reason (retried or buried as their retries say) and it is forgotten.
+        False when no such worker was registered."""
+        worker = self.workers.pop(name, None)
+        if worker is None:
+            return False
+        now = self._reactor.seconds()
+        for run in list(worker.leases.values()):
+            run.lose(now, reason)
+        worker.leases.clear()
+        log.info("worker {name} ended: {why}", name=name, why=reason)
+        return True
 
     # -- operators -----------------------------------------------------------------------------
 

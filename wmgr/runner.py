@@ -1,0 +1,169 @@
+"""A runner: a worker that a batch system (Slurm) started, which leaves when it runs dry.
+
+    python -m wmgr.runner --manager URL --cores N --memory MB [--slots N] [--time-limit S]
+                          [--idle-exit S] [--heartbeat S] [--name NAME] [--dir DIR]
+
+It is the worker role's agent (wmgr.workers.agent) with the capacity of its allocation: it
+registers with the manager, pulls jobs that fit, runs them with the same runner code as local jobs
+(own process group, limits, peak RAM, CPU time, output), reports them through its durable outbox,
+and exits once it has had no work for `--idle-exit` seconds. It pulls only jobs expected to end
+before its `--time-limit` (from its start) runs out, so Slurm's limit does not cut a job short.
+
+The manager's worker token and CA come in the environment (WMGR_RUNNER_TOKEN, WMGR_RUNNER_CA:
+the PEM text), which the batch script sets; they are taken out of the environment before any job
+starts. `--token-file` and `--ca` read them from files instead. Its name is `slurm-$SLURM_JOB_ID`,
+which is how the manager ties it to its Slurm job. Its store (the outbox) lives in `--dir`
+(default $TMPDIR/wmgr-runner-NAME, node-local), removed when it exits.
+
+SIGTERM is Slurm ending the job (scancel, time limit): the runner exits at once without reporting
+or leaving; the manager learns from Slurm why its jobs were lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+log = Logger()
+
+IDLE_CHECK = 1.0
+# Seconds kept free before the time limit: the last job's report and the leave need them.
+END_MARGIN = 15.0
+
+
+class RunnerService(MultiService):
+    """The runner's parts (store, launcher, agent) and the watch that ends it when idle."""
+
+    def __init__(self, reactor: Any, agent: Any, idle_exit: float, deadline: Optional[float],
+                 on_exit: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.agent = agent
+        self.idle_exit = idle_exit
+        self.deadline = deadline
+        self._on_exit = on_exit
+        self.idle_since: Optional[float] = None
+        self.exiting = False
+
+    def check_idle(self) -> None:
+        """Exit when there has been no work for idle_exit seconds (and every report is
+        delivered), when the manager has been gone for longer than it keeps a silent worker's
+        jobs (they run elsewhere by now), or when the time limit is near and nothing runs."""
+        if self.exiting:
+            return
+        agent, now = self.agent, self._reactor.seconds()
+        if agent.slots:
+            self.idle_since = None
+            return
+        self.idle_since = now if self.idle_since is None else self.idle_since
+        idle = now - self.idle_since
+        why = ""
+        if idle >= self.idle_exit and not agent.outbox.pending and agent.reachable:
+            why = f"no work for {idle:.0f}s"
+        elif not agent.reachable and idle >= self.idle_exit and now - agent.last_contact > agent.manager_timeout:
+            why = "the manager has not answered for longer than its worker timeout"
+        elif self.deadline is not None and now >= self.deadline:
+            why = "the Slurm time limit is near"
+        if why:
+            self.exiting = True
+            log.info("runner {name} exits: {why}", name=agent.worker_name, why=why)
+            self._on_exit()
+
+
+def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m wmgr.runner", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manager", required=True, help="the manager's URL")
+    p.add_argument("--ca", help="the manager's CA certificate (default: $WMGR_RUNNER_CA, the PEM text)")
+    p.add_argument("--token-file", help="the manager's worker.token (default: $WMGR_RUNNER_TOKEN)")
+    p.add_argument("--name", help="the worker name (default: slurm-$SLURM_JOB_ID)")
+    p.add_argument("--cores", type=float, required=True)
+    p.add_argument("--memory", type=int, required=True, help="MB for jobs")
+    p.add_argument("--slots", type=int, default=0, help="jobs of no cores at once")
+    p.add_argument("--time-limit", type=float, default=0, help="seconds this runner may live (0: no limit)")
+    p.add_argument("--idle-exit", type=float, default=30.0)
+    p.add_argument("--heartbeat", type=float, default=2.0)
+    p.add_argument("--dir", help="node-local directory for the runner's store and run files")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse(argv)
+    token = os.environ.pop("WMGR_RUNNER_TOKEN", "")
+    ca_text = os.environ.pop("WMGR_RUNNER_CA", "")
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    ca = Path(args.ca).read_bytes() if args.ca else (ca_text.encode() or None)
+    if not token:
+        print("wmgr.runner: no worker token: set WMGR_RUNNER_TOKEN or --token-file", file=sys.stderr)
+        return 2
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    name = args.name or (f"slurm-{job_id}" if job_id else f"runner-{os.uname().nodename}-{os.getpid()}")
+    base = Path(args.dir) if args.dir else Path(os.environ.get("TMPDIR") or "/tmp") / f"wmgr-runner-{name}"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    from wmgr.client import Client
+    from wmgr.host import host_address
+    from wmgr.jobs.launcher import LauncherPool
+    from wmgr.jobs.scheduler import Capacity
+    from wmgr.store import Store
+    from wmgr.workers.agent import WorkerAgent
+    from wmgr.workers.outbox import Outbox
+
+    started = reactor.seconds()
+    deadline = started + args.time_limit - END_MARGIN if args.time_limit > 0 else None
+    store = Store(base / "runner.db", reactor)
+    launcher = LauncherPool(reactor, max(1, min(4, int(args.cores))))
+    client = Client(reactor, args.manager, ca, token, idle_timeout=8.0)
+    capacity = Capacity(float(args.cores), args.memory, args.slots)
+    agent = WorkerAgent(reactor, client, name, host_address(), capacity, Outbox(store), base / "run",
+                        launcher.spawn, heartbeat=args.heartbeat)
+    agent.deadline = deadline
+    status = {"code": 0}
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    top = RunnerService(reactor, agent, args.idle_exit, deadline, stop)
+    for part in (store, launcher, agent):
+        part.setServiceParent(top)
+    def sample() -> Any:
+        return ensureDeferred(agent.sample()).addErrback(lambda f: log.failure("sampling failed", f))
+
+    for interval, body in ((1.0, sample), (IDLE_CHECK, top.check_idle)):
+        timer = TimerService(interval, body)
+        timer.clock = reactor
+        timer.setServiceParent(top)
+
+    def slurm_ends(signum: int, frame: Any) -> None:
+        # No report, no leave: the manager hears from Slurm why (see the module's docstring).
+        os._exit(128 + signum)
+
+    def begin() -> None:
+        signal.signal(signal.SIGTERM, slurm_ends)
+        top.startService()
+        log.info("runner {name}: {cores:g} cores, {mb} MB, {slots} slots, manager {url}", name=name,
+                 cores=capacity.cores, mb=capacity.memory, slots=capacity.zero_core_slots, url=args.manager)
+
+    reactor.callWhenRunning(begin)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    shutil.rmtree(base, ignore_errors=True)
+    return status["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
