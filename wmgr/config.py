@@ -210,6 +210,7 @@ class Config:
     slurm_qos: str = field(default="", metadata={"ini": ("slurm", "qos", str)})
     slurm_extra_args: list[str] = field(default_factory=list, metadata={"ini": ("slurm", "extra_args", _shell_words)})
     slurm_max_runners: int = field(default=4, metadata={"ini": ("slurm", "max_runners", int)})
+    slurm_max_cpus: int = field(default=2, metadata={"ini": ("slurm", "max_cpus", int)})
     slurm_pack: int = field(default=8, metadata={"ini": ("slurm", "pack", int)})
     slurm_idle_exit: float = field(default=30.0, metadata={"ini": ("slurm", "idle_exit", float)})
     slurm_poll_interval: float = field(default=2.0, metadata={"ini": ("slurm", "poll_interval", float)})
@@ -301,11 +302,11 @@ class Config:
             raise InvalidRequest("[connections] match must be fullmatch or search")
         if self.dbs_backend == "mysql" and not self.dbs_url:
             raise InvalidRequest("[dbs] backend = mysql needs url = mysql://user:password@host:port")
-        if self.slurm_max_runners < 1 or self.slurm_pack < 1 or self.slurm_idle_exit < 0 or \
+        if self.slurm_max_runners < 1 or self.slurm_pack < 1 or self.slurm_max_cpus < 1 or self.slurm_idle_exit < 0 or \
                 self.slurm_poll_interval <= 0 or self.slurm_heartbeat <= 0 or self.slurm_min_time < 0 or \
                 self.slurm_runner_memory < 0 or self.slurm_memory_margin < 0 or self.slurm_time_margin < 0 or \
                 not 0 < self.slurm_backoff_base <= self.slurm_backoff_cap:
-            raise InvalidRequest("[slurm] max_runners and pack must be >= 1, poll_interval and heartbeat > 0, "
+            raise InvalidRequest("[slurm] max_runners, max_cpus and pack must be >= 1, poll_interval and heartbeat > 0, "
                                  "idle_exit, min_time, runner_memory and margins >= 0, "
                                  "0 < backoff_base <= backoff_cap")
         if self.slurm_manager_url and not self.slurm_manager_url.startswith(("https://", "http://")):

@@ -268,7 +268,7 @@ class WmgrService(MultiService):
         ca_pem = (self.data_dir / "ca.pem").read_bytes()
         settings = SlurmSettings(
             partition=c.slurm_partition, account=c.slurm_account, qos=c.slurm_qos, extra_args=c.slurm_extra_args,
-            max_runners=c.slurm_max_runners, pack=c.slurm_pack, idle_exit=c.slurm_idle_exit,
+            max_runners=c.slurm_max_runners, max_cpus=c.slurm_max_cpus, pack=c.slurm_pack, idle_exit=c.slurm_idle_exit,
             poll_interval=c.slurm_poll_interval, min_time=c.slurm_min_time, runner_memory=c.slurm_runner_memory,
             memory_margin=c.slurm_memory_margin, time_margin=c.slurm_time_margin,
             backoff_base=c.slurm_backoff_base, backoff_cap=c.slurm_backoff_cap, python=c.slurm_python or sys.executable,

@@ -32,8 +32,8 @@ from wmgr.slurm.commands import ENDED_STATES, FAILED_STATES, SlurmCommands, Slur
 
 log = Logger()
 
-# The runner's own process (Python, its store, its launcher) takes memory besides its jobs.
-RUNNER_STATES_WAITING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED"})
+# A runner pending this long for a reason other than waiting its turn gets a warning.
+PENDING_WARNING = 30.0
 
 
 def manager_id(ca_pem: bytes) -> str:
@@ -55,6 +55,7 @@ class SlurmSettings:
     qos: str = ""
     extra_args: list[str] = field(default_factory=list)
     max_runners: int = 4
+    max_cpus: int = 2
     pack: int = 8
     idle_exit: float = 30.0
     poll_interval: float = 2.0
@@ -175,6 +176,9 @@ class SlurmRunners(Service):
                          name=runner.name, id=line.job_id, state=line.state)
             runner.state, runner.reason, runner.node = line.state, line.reason, line.nodes
             runner.cpus, runner.memory, runner.time_limit = line.cpus, line.memory, line.time_limit
+            if (line.state == "PENDING" and self._reactor.seconds() - runner.submitted > PENDING_WARNING
+                    and line.reason not in ("Priority", "Resources", "None", "")):
+                self.queue.notices.warn(f"Slurm: runner {runner.name} is pending: {line.reason}")
             if runner.name in self.workers.workers:
                 if runner.takes:
                     self.failures = 0  # a runner got through: the way works
@@ -233,8 +237,12 @@ class SlurmRunners(Service):
         plans = []
         for shape, count, seconds in self.queue.scheduler.ready_shapes(self.queue.live.get):
             uncovered = count - coming.pop(shape, 0)
+            _, cores, _, _ = shape
+            per_runner = self.settings.pack
+            if cores > 0:  # as many as fit max_cpus, but always one, however many cores it needs
+                per_runner = max(1, min(per_runner, int(self.settings.max_cpus // cores)))
             while uncovered > 0 and room > 0:
-                takes = min(self.settings.pack, uncovered)
+                takes = min(per_runner, uncovered)
                 plans.append((shape, takes, seconds))
                 uncovered -= takes
                 room -= 1
