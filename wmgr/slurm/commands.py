@@ -199,6 +199,8 @@ def slurm_minutes(seconds: float) -> int:
 def describe_end(job_id: str, state: str, fields: dict[str, str], reason: str = "") -> str:
     """Why a runner's Slurm job ended, in Slurm's words: its state, exit code and reason."""
     state = fields.get("JobState", state) or state
+    if state not in ENDED_STATES and not fields:
+        return f"Slurm job {job_id} ended; Slurm no longer knows how (MinJobAge passed)"
     text = f"Slurm job {job_id} ended {state}"
     if fields.get("ExitCode"):
         text += f" (exit code {fields['ExitCode']})"

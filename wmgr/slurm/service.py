@@ -234,9 +234,13 @@ class SlurmRunners(Service):
         for runner in active:
             if runner.takes:
                 coming[runner.shape] = coming.get(runner.shape, 0) + runner.takes
+        # Runners found after a restart have no known shape: they count against any.
+        anywhere = coming.pop(None, 0)
         plans = []
         for shape, count, seconds in self.queue.scheduler.ready_shapes(self.queue.live.get):
             uncovered = count - coming.pop(shape, 0)
+            taken = min(anywhere, max(0, uncovered))
+            uncovered, anywhere = uncovered - taken, anywhere - taken
             _, cores, _, _ = shape
             per_runner = self.settings.pack
             if cores > 0:  # as many as fit max_cpus, but always one, however many cores it needs
@@ -261,7 +265,7 @@ class SlurmRunners(Service):
         cpus = max(1, math.ceil(cores * takes - 1e-9))
         slots = takes if cores == 0 else 0
         job_memory = memory * takes
-        mem = math.ceil(job_memory * (1 + s.memory_margin)) + s.runner_memory
+        mem = math.ceil(round(job_memory * (1 + s.memory_margin), 6)) + s.runner_memory
         limit = max(s.min_time, seconds * (1 + s.time_margin)) + s.idle_exit + 2 * s.heartbeat + 30
         minutes = slurm_minutes(limit)
         args = [f"--job-name={self.job_name}", f"--comment=wmgr manager {s.manager_url}",
