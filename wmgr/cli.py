@@ -494,6 +494,42 @@ async def verb_workers(s: Session) -> int:
     return EXIT_OK
 
 
+async def verb_slurm(s: Session) -> int:
+    from rich.table import Table
+    from rich.text import Text
+
+    try:
+        reply = await s.client.request("GET", "slurm/v1/runners", timeout=s.args.timeout)
+    except Exception as e:
+        raise explain_failure(e, s.client.base_url, s.data_dir) from None
+    if reply.code == 404:
+        raise CliError("this daemon does not run its queue on Slurm ([scheduler] backend = local)", EXIT_FAILED)
+    if reply.code != 200:
+        raise s.refused(reply, "GET", "slurm/v1/runners")
+    listing = reply.json()
+    if s.args.json:
+        s.print_json(listing)
+        return EXIT_OK
+    held = f", submissions held back {listing['held_for']:.0f}s more" if listing["held_for"] else ""
+    s.out.print(f"Slurm jobs named {listing['job_name']}: {listing['submitted']} submitted since the start, "
+                f"{listing['submit_failures']} sbatch failures, {listing['runner_failures']} runners failed{held}")
+    if not listing["runners"]:
+        s.out.print("no runners")
+        return EXIT_OK
+    table = Table(title="runners", title_justify="left")
+    for column, justify in (("runner", "left"), ("state", "left"), ("node", "left"), ("cpus", "right"),
+                            ("memory", "right"), ("time limit", "right"), ("jobs", "right"), ("reason", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for runner in listing["runners"]:
+        state = runner["state"] + ("" if runner["registered"] or runner["ended"] else " (not registered)")
+        style = "green" if runner["registered"] else ("red" if runner["ended"] else "yellow")
+        table.add_row(Text(runner["name"]), Text(state, style=style), Text(runner["node"]), str(runner["cpus"]),
+                      Text(runner["memory"]), Text(runner["time_limit"]), str(runner["jobs"]),
+                      Text(runner["ended"] or runner["reason"]))
+    s.out.print(table)
+    return EXIT_OK
+
+
 async def verb_tasks(s: Session) -> int:
     from rich.table import Table
     from rich.text import Text
@@ -594,13 +630,15 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("action", nargs="?", choices=("cancel",))
     tasks.add_argument("id", nargs="?", metavar="ID")
     verbs.add_parser("warnings", help="scheduler warnings (reading them clears them)")
+    verbs.add_parser("slurm", help="the Slurm runners of a manager with [scheduler] backend = slurm: their Slurm "
+                                   "state, node, allocation and jobs")
     return top
 
 
 VERBS: dict[str, Callable[[Session], Any]] = {
     "add": verb_add, "status": verb_status, "kill": verb_kill, "remove": verb_remove, "retry": verb_retry,
     "info": verb_info, "warnings": verb_warnings, "connections": verb_connections, "services": verb_services,
-    "dbs": verb_dbs, "workers": verb_workers, "tasks": verb_tasks,
+    "dbs": verb_dbs, "workers": verb_workers, "tasks": verb_tasks, "slurm": verb_slurm,
 }
 
 

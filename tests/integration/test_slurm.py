@@ -19,7 +19,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from twisted.internet.defer import succeed
+
 from tests.harness import until
+from tests.integration.test_cli import wmgr
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -213,9 +216,34 @@ async def test_a_restarted_manager_finds_its_runners(slurm: None, make_daemon: A
         assert listing["submitted"] == 0 and {r["job_id"] for r in listing["runners"]} == runners, listing
         assert squeue_ids(job_name) == runners
         assert_never_twice([marks / f"job{i}" for i in range(10)])
+        listed = wmgr(manager.data_dir, "slurm")
+        assert listed.returncode == 0 and "RUNNING" in listed.stdout, listed
+        assert all(f"slurm-{i}" in listed.stdout for i in runners), listed.stdout
+
+        # Killing a job reaches its whole process group on the node, not only the shell.
+        pid_file = tmp_path / "child.pid"
+        [victim] = await client.add_jobs([{"cmd": f"sleep 300 & echo $! > {pid_file}; wait", "cpus": 1,
+                                           "memory": "20M", "rep_grp": "victim"}])
+        await until(reactor, lambda: succeed(pid_file.exists() and pid_file.read_text().strip()), timeout=30)
+        child = int(pid_file.read_text())
+        killed = wmgr(manager.data_dir, "kill", victim["Key"])
+        assert killed.returncode == 0, killed
+
+        async def child_gone() -> bool:
+            return not Path(f"/proc/{child}").exists()
+
+        await until(reactor, child_gone, timeout=30)
+        job = (await client.get("rest/v1/jobs/" + victim["Key"])).json()[0]
+        assert job["State"] == "buried" and job["FailReason"] == "killed by user request", job
     finally:
         await client.close()
     subprocess.run(["scancel", "-n", job_name])
+
+
+@pytest_twisted.ensureDeferred
+async def test_wmgr_slurm_says_when_a_daemon_does_not_run_on_slurm(daemon: Any) -> None:
+    listed = wmgr(daemon.data_dir, "slurm")
+    assert listed.returncode == 1 and "[scheduler] backend = local" in listed.stderr, listed
 
 
 def test_a_manager_without_slurm_does_not_start(tmp_path: Path) -> None:
