@@ -143,6 +143,8 @@ class WorkerAgent(Service):
         self.ready: Optional[Deferred[None]] = None
         # A batch runner's end (reactor seconds): it pulls only jobs expected to end before it.
         self.deadline: Optional[float] = None
+        # A batch runner's end (reactor seconds): it pulls only jobs expected to end before it.
+        self.deadline: Optional[float] = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
