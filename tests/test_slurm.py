@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactor
 
 from tests.test_workers import Manager
 from wmgr.jobs import model
-from wmgr.runner import RunnerService
+from wmgr.runner import MemoryOutbox, RunnerService
 from wmgr.slurm.commands import (JobLine, SlurmCommands, SlurmError, SlurmMissing, describe_end, parse_sbatch,
                                  parse_scontrol, parse_squeue, slurm_minutes)
 from wmgr.slurm.service import SlurmRunners, SlurmSettings, manager_id
@@ -395,3 +395,12 @@ def test_a_runner_exits_at_its_deadline_once_nothing_runs() -> None:
     clock.advance(1)
     watch.check_idle()
     assert exits == [9]
+
+
+def test_a_runners_outbox_keeps_reports_in_order_until_acknowledged() -> None:
+    outbox = MemoryOutbox()
+    for i in range(3):
+        Deferred.fromCoroutine(outbox.put({"n": i}))
+    assert [report["n"] for _, report in outbox.batch(2)] == [0, 1]
+    Deferred.fromCoroutine(outbox.acknowledged([row_id for row_id, _ in outbox.batch(2)]))
+    assert [report["n"] for _, report in outbox.batch()] == [2] and len(outbox.pending) == 1

@@ -12,8 +12,9 @@ before its `--time-limit` (from its start) runs out, so Slurm's limit does not c
 The manager's worker token and CA come in the environment (WMGR_RUNNER_TOKEN, WMGR_RUNNER_CA:
 the PEM text), which the batch script sets; they are taken out of the environment before any job
 starts. `--token-file` and `--ca` read them from files instead. Its name is `slurm-$SLURM_JOB_ID`,
-which is how the manager ties it to its Slurm job. Its store (the outbox) lives in `--dir`
-(default $TMPDIR/wmgr-runner-NAME, node-local), removed when it exits.
+which is how the manager ties it to its Slurm job. Its jobs' run files live in `--dir` (default
+$TMPDIR/wmgr-runner-NAME, node-local), removed when it exits; its reports wait in memory while
+the manager is unreachable (see MemoryOutbox).
 
 SIGTERM is Slurm ending the job (scancel, time limit): the runner exits at once without reporting
 or leaving; the manager learns from Slurm why its jobs were lost.
@@ -41,8 +42,34 @@ IDLE_CHECK = 1.0
 END_MARGIN = 15.0
 
 
+class MemoryOutbox:
+    """The agent's outbox (wmgr.workers.outbox's interface) in memory. A worker daemon keeps its
+    reports in its store so that they survive its restarts; a runner is never restarted (Slurm
+    starts a new one, with a new name, and this one's directory goes with it), so writing them
+    to disk, each with an fsync, would buy nothing. While the manager is unreachable they are
+    kept here, and sent when it answers."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, dict[str, Any]] = {}
+        self._next = 0
+
+    async def load(self) -> None:
+        pass
+
+    async def put(self, report: dict[str, Any]) -> None:
+        self._next += 1
+        self.pending[self._next] = report
+
+    async def acknowledged(self, ids: list[int]) -> None:
+        for row_id in ids:
+            self.pending.pop(row_id, None)
+
+    def batch(self, most: int = 500) -> list[tuple[int, dict[str, Any]]]:
+        return list(self.pending.items())[:most]
+
+
 class RunnerService(MultiService):
-    """The runner's parts (store, launcher, agent) and the watch that ends it when idle."""
+    """The runner's parts (launcher, agent) and the watch that ends it when idle."""
 
     def __init__(self, reactor: Any, agent: Any, idle_exit: float, deadline: Optional[float],
                  on_exit: Any) -> None:
@@ -92,7 +119,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=0, help="seconds this runner may live (0: no limit)")
     p.add_argument("--idle-exit", type=float, default=30.0)
     p.add_argument("--heartbeat", type=float, default=2.0)
-    p.add_argument("--dir", help="node-local directory for the runner's store and run files")
+    p.add_argument("--dir", help="node-local directory for the jobs' run files")
     return p.parse_args(argv)
 
 
@@ -118,17 +145,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from wmgr.host import host_address
     from wmgr.jobs.launcher import LauncherPool
     from wmgr.jobs.scheduler import Capacity
-    from wmgr.store import Store
     from wmgr.workers.agent import WorkerAgent
-    from wmgr.workers.outbox import Outbox
 
     started = reactor.seconds()
     deadline = started + args.time_limit - END_MARGIN if args.time_limit > 0 else None
-    store = Store(base / "runner.db", reactor)
     launcher = LauncherPool(reactor, max(1, min(4, int(args.cores))))
     client = Client(reactor, args.manager, ca, token, idle_timeout=8.0)
     capacity = Capacity(float(args.cores), args.memory, args.slots)
-    agent = WorkerAgent(reactor, client, name, host_address(), capacity, Outbox(store), base / "run",
+    agent = WorkerAgent(reactor, client, name, host_address(), capacity, MemoryOutbox(), base / "run",
                         launcher.spawn, heartbeat=args.heartbeat)
     agent.deadline = deadline
     status = {"code": 0}
@@ -138,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             reactor.stop()
 
     top = RunnerService(reactor, agent, args.idle_exit, deadline, stop)
-    for part in (store, launcher, agent):
+    for part in (launcher, agent):
         part.setServiceParent(top)
     def sample() -> Any:
         return ensureDeferred(agent.sample()).addErrback(lambda f: log.failure("sampling failed", f))
