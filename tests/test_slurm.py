@@ -404,3 +404,13 @@ def test_a_runners_outbox_keeps_reports_in_order_until_acknowledged() -> None:
     assert [report["n"] for _, report in outbox.batch(2)] == [0, 1]
     Deferred.fromCoroutine(outbox.acknowledged([row_id for row_id, _ in outbox.batch(2)]))
     assert [report["n"] for _, report in outbox.batch()] == [2] and len(outbox.pending) == 1
+
+
+def test_a_runner_that_never_reached_the_manager_is_explained_and_backed_off(s: Setup) -> None:
+    s.m.add({"cmd": "x"})
+    s.poll()
+    (job_id,) = s.slurm.jobs
+    s.slurm.set_state(job_id, "FAILED", "3:0", "NonZeroExitCode")
+    s.poll()
+    (warning,) = [w["Msg"] for w in s.m.queue.notices.take() if "FAILED" in w["Msg"]]
+    assert "never reached the manager at https://manager.example:5012/" in warning and "for 5s" in warning

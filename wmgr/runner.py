@@ -38,6 +38,8 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 log = Logger()
 
 IDLE_CHECK = 1.0
+# The exit status of a runner that never reached its manager (see wmgr.slurm.service).
+NEVER_REACHED = 3
 # Seconds kept free before the time limit: the last job's report and the leave need them.
 END_MARGIN = 15.0
 
@@ -155,7 +157,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     agent = WorkerAgent(reactor, client, name, host_address(), capacity, MemoryOutbox(), base / "run",
                         launcher.spawn, heartbeat=args.heartbeat)
     agent.deadline = deadline
-    status = {"code": 0}
 
     def stop() -> None:
         if reactor.running:
@@ -186,7 +187,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     shutil.rmtree(base, ignore_errors=True)
-    return status["code"]
+    if not agent.last_contact:
+        # Its Slurm job then ends FAILED with this code, which the manager explains.
+        print(f"wmgr.runner: never reached the manager at {args.manager}", file=sys.stderr)
+        return NEVER_REACHED
+    return 0
 
 
 if __name__ == "__main__":

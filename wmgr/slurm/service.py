@@ -28,6 +28,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
+from wmgr.runner import NEVER_REACHED
 from wmgr.slurm.commands import ENDED_STATES, FAILED_STATES, SlurmCommands, SlurmError, describe_end, slurm_minutes
 
 log = Logger()
@@ -203,6 +204,9 @@ class SlurmRunners(Service):
             # A runner that ran dry left the manager; had it not, its jobs are lost all the same.
             self.workers.end_worker(runner.name, runner.ended)
             return
+        if fields.get("ExitCode", "").startswith(f"{NEVER_REACHED}:"):
+            runner.ended += (f": the runner never reached the manager at {self.settings.manager_url} (is [slurm] "
+                             "manager_url right, and do the nodes reach it and trust its certificate's names?)")
         log.info("runner {name}: {why}", name=runner.name, why=runner.ended)
         self.runner_failures += 1
         had_worker = self.workers.end_worker(runner.name, runner.ended)
