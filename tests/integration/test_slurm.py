@@ -241,6 +241,39 @@ async def test_a_restarted_manager_finds_its_runners(slurm: None, make_daemon: A
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stopped_manager_leaves_its_runners_to_finish_their_job_and_exit(
+        slurm: None, make_daemon: Any, reactor: Any, tmp_path: Path) -> None:
+    manager = await make_daemon(name="manager", config=manager_config(max_runners=1, idle_exit=2))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    client = manager.client(reactor)
+    try:
+        [job] = await client.add_jobs([{"cmd": job_command(marks, 0, 3), "cpus": 1, "memory": "20M"}])
+
+        async def running() -> Any:
+            return (await client.get("rest/v1/jobs/" + job["Key"])).json()[0]["State"] == "running"
+
+        await until(reactor, running, timeout=60, every=0.2)
+        job_name = (await client.get("slurm/v1/runners")).json()["job_name"]
+    finally:
+        await client.close()
+    assert await manager.stop(reactor) == 0, manager.log()
+    stopped = time.time()
+    [runner] = squeue_ids(job_name)
+
+    def ended() -> Any:
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", runner, "-o", "%T"], capture_output=True, text=True)
+        return succeed(out.stdout.strip() in ("COMPLETED", "FAILED") and out.stdout.strip())
+
+    # The job runs to its end on the node; the runner, idle and without a manager for longer
+    # than the manager's worker timeout (10 s), exits by itself.
+    state = await until(reactor, ended, timeout=60, every=0.5)
+    assert state == "COMPLETED" and time.time() - stopped < 40
+    [(start, _), (end, at)] = runs_of(marks / "job0")
+    assert end == "E" and at > stopped, runs_of(marks / "job0")
+
+
+@pytest_twisted.ensureDeferred
 async def test_wmgr_slurm_says_when_a_daemon_does_not_run_on_slurm(daemon: Any) -> None:
     listed = wmgr(daemon.data_dir, "slurm")
     assert listed.returncode == 1 and "[scheduler] backend = local" in listed.stderr, listed
