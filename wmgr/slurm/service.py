@@ -113,7 +113,6 @@ class SlurmRunners(Service):
         self.submitted = 0
         self.submit_failures = 0
         self.runner_failures = 0
-        self.first_poll_done = False
         self._polling: Any = None
 
     # -- for the API, CLI and metrics ----------------------------------------------------------
@@ -159,7 +158,6 @@ class SlurmRunners(Service):
             self.queue.notices.warn(f"squeue failed, runners are not watched: {e}")
             return
         await self._update(lines)
-        self.first_poll_done = True
         await self._submit_for_demand()
 
     async def _update(self, lines: list[Any]) -> None:
