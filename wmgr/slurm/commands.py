@@ -21,8 +21,6 @@ from twisted.internet.protocol import ProcessProtocol
 # processes are still being killed).
 ENDED_STATES = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
                           "PREEMPTED", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"})
-# Ended states that are a failure of the runner, not its normal exit.
-FAILED_STATES = ENDED_STATES - {"COMPLETED"}
 # How squeue is asked to print a job: one line, fields separated by '|' (no field holds one).
 SQUEUE_FORMAT = "%i|%T|%r|%N|%C|%m|%l"
 COMMAND_TIMEOUT = 60.0

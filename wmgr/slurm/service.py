@@ -29,7 +29,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
 from wmgr.runner import NEVER_REACHED
-from wmgr.slurm.commands import ENDED_STATES, FAILED_STATES, SlurmCommands, SlurmError, describe_end, slurm_minutes
+from wmgr.slurm.commands import ENDED_STATES, SlurmCommands, SlurmError, describe_end, slurm_minutes
 
 log = Logger()
 
