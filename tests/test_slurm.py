@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactor
 
 from tests.test_workers import Manager
 from wmgr.jobs import model
-from wmgr.runner import MemoryOutbox, RunnerService
+from wmgr.runner import MemoryOutbox, RunnerService, memory_cgroups, oom_kills
 from wmgr.slurm.commands import (JobLine, SlurmCommands, SlurmError, SlurmMissing, describe_end, parse_sbatch,
                                  parse_scontrol, parse_squeue, slurm_minutes)
 from wmgr.slurm.service import SlurmRunners, SlurmSettings, manager_id
@@ -414,3 +414,35 @@ def test_a_runner_that_never_reached_the_manager_is_explained_and_backed_off(s: 
     s.poll()
     (warning,) = [w["Msg"] for w in s.m.queue.notices.take() if "FAILED" in w["Msg"]]
     assert "never reached the manager at https://manager.example:5012/" in warning and "for 5s" in warning
+
+
+def test_a_job_killed_by_the_allocations_oom_killer_is_reported_as_too_much_ram() -> None:
+    kills = [0]
+    outbox = MemoryOutbox(lambda: Deferred.fromCoroutine(_value(kills[0])))
+    Deferred.fromCoroutine(outbox.load())
+    end = {"event": "end", "key": "k", "attempt": 1, "exitcode": None, "signal": 9}
+    Deferred.fromCoroutine(outbox.put(dict(end)))  # a SIGKILL with no OOM kill: left as it is
+    kills[0] = 1
+    Deferred.fromCoroutine(outbox.put(dict(end, exitcode=137, signal=None)))  # the shell's child was killed
+    Deferred.fromCoroutine(outbox.put(dict(end)))  # one OOM kill explains one end only
+    Deferred.fromCoroutine(outbox.put(dict(end, kill_reason="killed by user request")))
+    reasons = [report.get("kill_reason", "") for _, report in outbox.batch()]
+    assert reasons == ["", model.FAIL_RAM, "", "killed by user request"]
+
+
+async def _value(n: int) -> int:
+    return n
+
+
+def test_the_runners_memory_cgroups_and_their_oom_kills_are_found(tmp_path: Path) -> None:
+    job = tmp_path / "memory" / "slurm_vm" / "uid_0" / "job_7"
+    for directory in (job / "step_batch" / "task_0", job / "step_batch"):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    (job / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 2\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("5:devices:/\n4:memory:/slurm_vm/uid_0/job_7/step_batch/task_0\n0::/\n")
+    dirs = memory_cgroups(str(proc), str(tmp_path))
+    assert dirs == [str(job / "step_batch" / "task_0"), str(job / "step_batch"), str(job)]
+    assert oom_kills(dirs) == 2
+    assert memory_cgroups(str(tmp_path / "none"), str(tmp_path)) == []

@@ -28,12 +28,14 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+from wmgr.jobs.model import FAIL_RAM
 
 log = Logger()
 
@@ -44,21 +46,84 @@ NEVER_REACHED = 3
 END_MARGIN = 15.0
 
 
+def memory_cgroups(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> list[str]:
+    """The memory cgroup directories this process is in, from its own up to its Slurm job's (where
+    Slurm's task/cgroup sets the job's memory limit); [] without cgroups."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    path = ""
+    for line in lines:
+        _, controllers, where = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            path = os.path.join(root, "memory") + where  # cgroup v1
+            break
+        if controllers == "" and line.startswith("0::"):
+            path = root + where  # cgroup v2 (unified)
+    dirs = []
+    while path and path.startswith(root) and len(path) > len(root) + len("/memory"):
+        dirs.append(path)
+        if os.path.basename(path).startswith("job_"):
+            break
+        path = os.path.dirname(path)
+    return dirs
+
+
+def oom_kills(dirs: list[str]) -> int:
+    """How many processes the kernel has killed for memory in these cgroups (call in a thread)."""
+    total = 0
+    for directory in dirs:
+        for name in ("memory.oom_control", "memory.events"):  # v1, v2
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    for line in f:
+                        if line.startswith("oom_kill "):
+                            total += int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+    return total
+
+
+def oom_counter() -> Any:
+    """An async count of this runner's cgroups' OOM kills, or None where there are no cgroups."""
+    from twisted.internet.threads import deferToThread
+
+    dirs = memory_cgroups()
+    if not dirs:
+        return None
+    return lambda: deferToThread(oom_kills, dirs)
+
+
 class MemoryOutbox:
     """The agent's outbox (wmgr.workers.outbox's interface) in memory. A worker daemon keeps its
     reports in its store so that they survive its restarts; a runner is never restarted (Slurm
     starts a new one, with a new name, and this one's directory goes with it), so writing them
     to disk, each with an fsync, would buy nothing. While the manager is unreachable they are
-    kept here, and sent when it answers."""
+    kept here, and sent when it answers.
 
-    def __init__(self) -> None:
+    With `oom_kills` (an async count of the allocation's OOM kills), a job that ended by SIGKILL
+    that nobody asked for while that count rose is reported as having used too much RAM: Slurm's
+    cgroup killed it for growing past the allocation faster than the agent's sampler saw."""
+
+    def __init__(self, oom_kills: Optional[Callable[[], Any]] = None) -> None:
         self.pending: dict[int, dict[str, Any]] = {}
         self._next = 0
+        self._oom_kills = oom_kills
+        self._oom_seen = 0
 
     async def load(self) -> None:
-        pass
+        if self._oom_kills is not None:
+            self._oom_seen = await self._oom_kills()
 
     async def put(self, report: dict[str, Any]) -> None:
+        if (self._oom_kills is not None and report["event"] == "end" and not report.get("kill_reason")
+                and not report.get("start_error") and (report.get("signal") == 9 or report.get("exitcode") == 137)):
+            kills = await self._oom_kills()
+            if kills > self._oom_seen:
+                self._oom_seen += 1
+                report = dict(report, kill_reason=FAIL_RAM)
         self._next += 1
         self.pending[self._next] = report
 
@@ -154,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     launcher = LauncherPool(reactor, max(1, min(4, int(args.cores))))
     client = Client(reactor, args.manager, ca, token, idle_timeout=8.0)
     capacity = Capacity(float(args.cores), args.memory, args.slots)
-    agent = WorkerAgent(reactor, client, name, host_address(), capacity, MemoryOutbox(), base / "run",
+    agent = WorkerAgent(reactor, client, name, host_address(), capacity, MemoryOutbox(oom_counter()), base / "run",
                         launcher.spawn, heartbeat=args.heartbeat)
     agent.deadline = deadline
 

@@ -172,6 +172,13 @@ async def test_a_cancelled_runner_loses_no_job_and_a_job_over_its_memory_is_stop
 
         job = await until(reactor, buried, timeout=90, every=0.5)
         assert job["FailReason"] == "command used too much RAM" and job["Host"].startswith("slurm-"), job
+
+        # One that takes far more than its runner's allocation at once: Slurm's cgroup kills it
+        # before the sampler sees it, and the runner says why.
+        [big] = await client.add_jobs([{"cmd": "python3 -c 'x = bytearray(600 << 20)'", "memory": "30M",
+                                        "retries": 0, "rep_grp": "bigger"}])
+        job = await until(reactor, buried, timeout=90, every=0.5)
+        assert job["FailReason"] == "command used too much RAM", job
     finally:
         await client.close()
 

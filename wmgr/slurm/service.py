@@ -198,8 +198,10 @@ class SlurmRunners(Service):
         runner.state = state if state in ENDED_STATES else runner.state
         runner.takes = 0
         runner.ended = describe_end(runner.job_id, state, fields, runner.reason)
-        if state == "COMPLETED":
-            # A runner that ran dry left the manager; had it not, its jobs are lost all the same.
+        if state == "COMPLETED" or (state == "OUT_OF_MEMORY" and runner.name not in self.workers.workers):
+            # A runner that ran dry left the manager (had it not, its jobs are lost all the same).
+            # One that left and still ended OUT_OF_MEMORY saw a job killed by the allocation's
+            # cgroup, and reported it as too much RAM: the runner itself did not fail.
             self.workers.end_worker(runner.name, runner.ended)
             return
         if fields.get("ExitCode", "").startswith(f"{NEVER_REACHED}:"):
