@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from wmgr.errors import Conflict, InvalidRequest
 from wmgr.host import host_identity
 from wmgr.jobs import model, reads, recovery
-from wmgr.jobs.behaviours import behaviours_for, run_behaviours
+from wmgr.jobs.behaviours import asks_removal, behaviours_for, has_behaviours, run_behaviours
 from wmgr.jobs.deps import DependencyIndex
 from wmgr.jobs.journal import Journal, dumps, row_to_job
 from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
@@ -564,7 +564,7 @@ class JobQueue(RemoteRuns, Service):
             max_time = _limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
         run = JobRun(self._reactor, RunFiles(self.run_dir, job.key, job.attempts + 1), workspace, job.spec["cmd"],
                      output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
-                     spawn=self._spawn, max_time=max_time, remove_workdir=not _has_behaviours(job.spec))
+                     spawn=self._spawn, max_time=max_time, remove_workdir=not has_behaviours(job.spec))
         try:
             run.start()
         except (OSError, ValueError) as e:  # E2BIG, a NUL byte or lone surrogate in env or cmd...
@@ -611,6 +611,9 @@ class JobQueue(RemoteRuns, Service):
         job on the reactor."""
         succeeded = result.exitcode == 0 and not result.kill_reason and not result.lost
         behaviours = behaviours_for(job.spec, succeeded)
+        if getattr(run, "remote", False):
+            # Its worker ran the behaviours where the job ran; leaving the queue is ours to do.
+            return self._end(result, job, run, behaviours, asks_removal(behaviours))
         if behaviours and run.workspace is not None:
             return ensureDeferred(self._behave_then_end(result, job, run, behaviours))
         return self._end(result, job, run, behaviours, False)
@@ -783,10 +786,6 @@ def _limit_of(requested: float, expected: float) -> float:
     """Limits are enforced at the larger of what was asked for and what is expected: learning may
     lower what the scheduler reserves, but never stops a job below what its owner asked for."""
     return max(requested, expected)
-
-
-def _has_behaviours(spec: dict[str, Any]) -> bool:
-    return bool(spec.get("on_success") or spec.get("on_failure") or spec.get("on_exit"))
 
 
 def _is_ready(job: Job) -> bool:

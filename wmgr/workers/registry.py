@@ -97,6 +97,9 @@ class RemoteRun:
     def gone(self) -> None:
         pass
 
+    def remove_files(self) -> None:
+        """No files here: the worker removes its run's files once it has reported the end."""
+
     def end(self, result: RunResult) -> None:
         if self.finished:
             return
