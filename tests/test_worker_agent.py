@@ -34,11 +34,11 @@ class Down:
 
 class Setup:
     def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
         self.m = Manager(tmp_path)
         self.m.start()
-        surfaces = [(("worker",), WorkersAPI(self.m.workers).resource())]
-        fallback = RootApp(document([WORKER_PATHS, ROOT_PATHS])).app.resource()
-        self.stub = StubTreq(Root(CLIENT_TOKEN, surfaces, fallback, segment_tokens={"worker": WORKER_TOKEN}))
+        self.clock = self.m.clock  # the worker's; a restarted manager has its own
+        self.stub = self.serve(self.m)
         self.worker_store = SyncStore(tmp_path / "worker.db")
         self.spawner = FakeSpawner()
         self.client = Client(None, "https://manager.test/", None, WORKER_TOKEN, http=self.stub)
@@ -46,9 +46,23 @@ class Setup:
                                  Outbox(self.worker_store), tmp_path / "worker-run", self.spawner, heartbeat=5,
                                  in_thread=in_thread_now, figures=lambda: {"load_average": {"1min": 0.5}})
 
+    @staticmethod
+    def serve(manager: Manager) -> StubTreq:
+        surfaces = [(("worker",), WorkersAPI(manager.workers).resource())]
+        fallback = RootApp(document([WORKER_PATHS, ROOT_PATHS])).app.resource()
+        return StubTreq(Root(CLIENT_TOKEN, surfaces, fallback, segment_tokens={"worker": WORKER_TOKEN}))
+
+    def restart_manager(self) -> None:
+        """A new manager on the same store and address; the old one's memory is gone."""
+        self.m = Manager(self.tmp_path, session_prefix="restarted")
+        self.m.start()
+        self.stub = self.client._http = self.serve(self.m)
+
     def settle(self) -> None:
         for _ in range(30):
-            self.m.clock.advance(0)
+            self.clock.advance(0)
+            if self.m.clock is not self.clock:
+                self.m.clock.advance(0)
             self.stub.flush()
 
     def start(self) -> None:
@@ -56,7 +70,9 @@ class Setup:
         self.settle()
 
     def advance(self, seconds: float) -> None:
-        self.m.clock.advance(seconds)
+        self.clock.advance(seconds)
+        if self.m.clock is not self.clock:
+            self.m.clock.advance(seconds)
         self.settle()
 
     def end(self, cmd: str, code: int = 0) -> None:
@@ -244,7 +260,7 @@ class BehaviourCommands:
 
 def test_a_pulled_job_runs_its_behaviours_on_the_worker_before_its_end_is_reported(s: Setup) -> None:
     commands = BehaviourCommands()
-    s.m.clock.spawnProcess = commands.spawnProcess  # type: ignore[attr-defined]
+    s.clock.spawnProcess = commands.spawnProcess  # type: ignore[attr-defined]
     (job,) = s.m.add({"cmd": "work", "cpus": 1, "on_success": [{"run": "echo ok >> marks"}],
                       "on_failure": [{"run": "echo wrong"}], "on_exit": [{"cleanup": True}]})
     s.start()
@@ -276,7 +292,7 @@ def test_a_pulled_job_kept_by_its_behaviours_keeps_its_directory_and_remove_leav
 def test_a_run_stopped_because_its_job_was_given_away_runs_no_behaviours(s: Setup, monkeypatch: Any) -> None:
     monkeypatch.setattr(runner, "signal_group", lambda pgid, sig: None)
     commands = BehaviourCommands()
-    s.m.clock.spawnProcess = commands.spawnProcess  # type: ignore[attr-defined]
+    s.clock.spawnProcess = commands.spawnProcess  # type: ignore[attr-defined]
     (job,) = s.m.add({"cmd": "long", "cpus": 1, "retries": 2, "on_failure": [{"run": "echo failed"}]})
     s.start()
     root = s.agent.slots[job.key].run.workspace.root  # type: ignore[union-attr]
@@ -288,3 +304,20 @@ def test_a_run_stopped_because_its_job_was_given_away_runs_no_behaviours(s: Setu
     s.spawner.running("long").end(None, sig=15)
     s.settle()
     assert commands.started == [] and not os.path.exists(root)
+
+
+def test_a_pulled_job_carries_on_across_a_restart_of_the_manager_and_runs_once(s: Setup) -> None:
+    (job,) = s.m.add({"cmd": "long", "cpus": 1, "retries": 2})
+    s.start()
+    assert job.state == model.RUNNING
+    s.restart_manager()
+    s.advance(5)  # the heartbeat is refused (no such session): it registers again holding its job
+    job = s.m.queue.live[job.key]
+    assert s.agent.session == s.m.workers.workers["w1"].session and s.agent.reachable and s.spawner.commands() == ["long"]
+    assert s.m.workers.workers["w1"].leases.keys() == {job.key} and job.state == model.RUNNING
+    s.m.add({"cmd": "other", "cpus": 1})
+    s.advance(5)
+    assert s.spawner.commands() == ["long", "other"]  # pulling again, and never the same job twice
+    s.end("long")
+    assert job.state == model.COMPLETE and job.attempts == 1 and job.host == "w1"
+    assert s.m.store.row(job.key) == (model.COMPLETE, "")

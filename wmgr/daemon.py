@@ -151,10 +151,12 @@ class WmgrService(MultiService):
         self.queue = JobQueue(self.store, self.data_dir / "run", self._reactor, capacity,
                               QueuePolicy.from_config(config), spawn=self.launcher.spawn)
         self.queue.on_drained = self._drained
+        # The workers first: the queue's recovery gives the jobs workers ran back to them.
+        self.workers = Workers(self.queue, self._reactor, config.workers_timeout, config.worker_heartbeat,
+                               self.bad_servers, store=self.store)
+        await self.workers.load()
         self.queue.setServiceParent(self)
         await self.queue.ready
-        self.workers = Workers(self.queue, self._reactor, config.workers_timeout, config.worker_heartbeat,
-                               self.bad_servers)
         self.workers.setServiceParent(self)
         self.flamenco = Flamenco(self.queue, self.workers, self.store)
         self.flamenco.setServiceParent(self)

@@ -65,6 +65,12 @@ def _lease(item: Any) -> tuple[str, int]:
     return item[0], item[1]
 
 
+def _leases(items: Any) -> list[tuple[str, int]]:
+    if not isinstance(items, list) or len(items) > MAX_ITEMS:
+        raise InvalidRequest("jobs must be a list of [job key, attempt] pairs")
+    return [_lease(item) for item in items]
+
+
 _OPTIONAL_NUMBERS = ("exitcode", "signal", "pid", "started", "ended", "cpu_time", "peak_ram")
 _TEXTS = ("stdout", "stderr", "kill_reason", "start_error", "text")
 
@@ -104,12 +110,13 @@ class WorkersAPI:
         return _worker_name(body), _text(body, "session", 64)
 
     @app.route("/worker/v1/register", methods=["POST"])
-    def register(self, request: Any) -> bytes:
+    async def register(self, request: Any) -> bytes:
         body = _object(request)
         name = _worker_name(body)
         ip = _text(body, "ip", 64, required=False) or request.getClientAddress().host
         worker = self.workers.register(name, ip, _number(body, "cores"), int(_number(body, "memory")),
-                                       _text(body, "system", 64, required=False))
+                                       _text(body, "system", 64, required=False), _leases(body.get("jobs", [])))
+        await self.workers.saved(worker)
         return json_response(request, {"session": worker.session, "heartbeat": self.workers.heartbeat,
                                        "timeout": self.workers.timeout})
 
@@ -129,11 +136,11 @@ class WorkersAPI:
                                                         figures, output))
 
     @app.route("/worker/v1/pull", methods=["POST"])
-    def pull(self, request: Any) -> bytes:
+    async def pull(self, request: Any) -> bytes:
         body = _object(request)
         name, session = self._session(body)
         most = int(_number(body, "most", 0, MAX_ITEMS)) if "most" in body else 0
-        jobs = self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
+        jobs = await self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
                                  int(_number(body, "slots", 0, MAX_ITEMS)), most)
         return json_response(request, {"jobs": jobs})
 
@@ -141,13 +148,10 @@ class WorkersAPI:
     def may_run(self, request: Any) -> bytes:
         body = _object(request)
         name, session = self._session(body)
-        items = body.get("jobs")
-        if not isinstance(items, list) or len(items) > MAX_ITEMS:
-            raise InvalidRequest("jobs must be a list of [job key, attempt] pairs")
-        return json_response(request, self.workers.may_run(name, session, [_lease(item) for item in items]))
+        return json_response(request, self.workers.may_run(name, session, _leases(body.get("jobs"))))
 
     @app.route("/worker/v1/reports", methods=["POST"])
-    def reports(self, request: Any) -> bytes:
+    async def reports(self, request: Any) -> bytes:
         # Reports count by the lease they name, so a worker that registered again since still
         # delivers what it kept: no session needed.
         body = _object(request)
@@ -156,13 +160,15 @@ class WorkersAPI:
         if not isinstance(items, list) or len(items) > MAX_ITEMS:
             raise InvalidRequest("reports must be a list")
         reports = [_report(item) for item in items]
-        self.workers.report(name, reports)
+        await self.workers.report(name, reports)
         return json_response(request, {"accepted": len(reports)})
 
     @app.route("/worker/v1/leave", methods=["POST"])
-    def leave(self, request: Any) -> bytes:
+    async def leave(self, request: Any) -> bytes:
         body = _object(request)
-        self.workers.leave(*self._session(body))
+        name, session = self._session(body)
+        self.workers.leave(name, session)
+        await self.workers.saved_name(name)
         return json_response(request, {"left": True})
 
 
@@ -187,9 +193,11 @@ _ROOM = {"type": "number", "minimum": 0}
 _OBJ = {"type": "object"}
 WORKER_PATHS: dict[str, Any] = {
     "/worker/v1/register": _op(
-        "a worker joins: name, ip, cores, memory, system; answers its session",
+        "a worker joins: name, ip, cores, memory, system, and the jobs it still runs as [key, attempt] pairs "
+        "(those it holds the lease of carry over); answers its session",
         _body(("name", "cores", "memory"), name=_NAME, ip={"type": "string", "maxLength": 64}, cores=_ROOM,
-              memory=_ROOM, system={"type": "string", "maxLength": 64}),
+              memory=_ROOM, system={"type": "string", "maxLength": 64},
+              jobs={"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2}}),
         {"type": "object", "properties": {"session": {"type": "string"}, "heartbeat": {"type": "number"},
                                           "timeout": {"type": "number"}}}),
     "/worker/v1/heartbeat": _op(

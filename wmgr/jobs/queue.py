@@ -757,7 +757,11 @@ class JobQueue(RemoteRuns, Service):
     async def _recover(self) -> None:
         """Settle every job an earlier daemon may have started (see recovery.py): mark lost the
         ones that never ran, adopt the ones still running, record the end of the others."""
-        settlement = await recovery.survey(self.run_dir, self.live, self._reactor, self._in_thread)
+        # Jobs a worker runs (HostID: the worker's registration) left no files here.
+        remote = {key: job for key, job in self.live.items() if job.state in model.ACTIVE_STATES and job.host_id}
+        local = {key: job for key, job in self.live.items() if key not in remote} if remote else self.live
+        settlement = await recovery.survey(self.run_dir, local, self._reactor, self._in_thread)
+        self._take_back_remote(remote.values())
         for job in settlement.lost:
             job.state, job.fail_reason = model.LOST, model.FAIL_LOST
             self.counters.failed += 1

@@ -82,6 +82,11 @@ class Unreachable(Exception):
     """The manager did not answer (or answered with a server error)."""
 
 
+class SessionLost(Unreachable):
+    """The manager does not know this worker's session (it restarted, or the name registered
+    again elsewhere): register again."""
+
+
 class Slot:
     """A pulled job on this worker: its lease and its run."""
 
@@ -221,7 +226,14 @@ class WorkerAgent(Service):
             await self._send_reports()
             if self.session is None:
                 await self._register()
-            await self._beat()
+            try:
+                await self._beat()
+            except SessionLost:
+                # At once, not after a back-off: the manager answers, it just forgot us (a
+                # restart). Registering names the jobs we run; their leases carry over.
+                log.info("the manager does not know this worker's session: registering again")
+                await self._register()
+                await self._beat()
             if not self.reachable:
                 self.reachable = True
                 self.backoff = 0.0
@@ -248,7 +260,7 @@ class WorkerAgent(Service):
             raise Unreachable(f"{type(e).__name__}: {e}") from None
         if reply.code == 409 and session:
             self.session = None  # the manager forgot us (restarted) or gave our name a new session
-            raise Unreachable("the manager asks this worker to register again")
+            raise SessionLost("the manager asks this worker to register again")
         if reply.code >= 500 or reply.code in (401, 403):
             raise Unreachable(f"{route}: {reply.code} {reply.text[:200]}")
         if reply.code >= 400:
@@ -259,6 +271,8 @@ class WorkerAgent(Service):
         answer = await self._post("register", {
             "name": self.worker_name, "ip": self.host_ip, "cores": self.capacity.cores,
             "memory": self.capacity.memory, "system": platform.system(),
+            # What it still runs (after a manager restart, say): those leases carry over.
+            "jobs": [[key, slot.attempt] for key, slot in self.slots.items()],
         }, session=False)
         self.session = answer["session"]
         self.manager_timeout = float(answer.get("timeout", self.manager_timeout))
