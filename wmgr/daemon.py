@@ -178,7 +178,9 @@ class WmgrService(MultiService):
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
                                        shutdown=self.shutdown).resource()),
-                    (("worker",), WorkersAPI(self.workers).resource()),
+                    # Quiet: a line per heartbeat, pull and report cost a fifth of each request's
+                    # CPU with many workers (failures are still logged; timings are in /metrics).
+                    Surface(("worker",), WorkersAPI(self.workers).resource(), quiet=True),
                     (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource()),
                     Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
         connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)
