@@ -55,6 +55,7 @@ from wmgr.flamenco import Flamenco
 from wmgr.host import host_address, host_name
 from wmgr.tls import ServerTLS
 from wmgr.workers.registry import Workers
+from wmgr.workers.turns import Turns
 
 log = Logger()
 
@@ -180,7 +181,7 @@ class WmgrService(MultiService):
                                        shutdown=self.shutdown).resource()),
                     # Quiet: a line per heartbeat, pull and report cost a fifth of each request's
                     # CPU with many workers (failures are still logged; timings are in /metrics).
-                    Surface(("worker",), WorkersAPI(self.workers).resource(), quiet=True),
+                    Surface(("worker",), WorkersAPI(self.workers, Turns(self._reactor)).resource(), quiet=True),
                     (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource()),
                     Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
         connections = ConnectionService(self.store, self._reactor, config.connections_ttl, config.connections_match)

@@ -7,14 +7,16 @@ these routes only; the client token grants them too. See wmgr/workers/registry.p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from klein import Klein
+from twisted.internet.defer import gatherResults
 
 from wmgr.api.common import install_error_handlers, json_response, read_json
 from wmgr.errors import InvalidRequest
 from wmgr.jobs import model
 from wmgr.workers.registry import Workers
+from wmgr.workers.turns import Turns
 
 MAX_NAME = 200
 MAX_ITEMS = 100_000
@@ -100,8 +102,10 @@ class WorkersAPI:
     app = Klein()
     install_error_handlers(app)
 
-    def __init__(self, workers: Workers) -> None:
+    def __init__(self, workers: Workers, turns: Optional[Turns] = None) -> None:
         self.workers = workers
+        # Pulls and reports wait for turns of their own; heartbeats are answered at once.
+        self.turns = turns
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -140,6 +144,8 @@ class WorkersAPI:
         body = _object(request)
         name, session = self._session(body)
         most = int(_number(body, "most", 0, MAX_ITEMS)) if "most" in body else 0
+        if self.turns is not None:
+            await self.turns.turn()
         jobs = await self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
                                  int(_number(body, "slots", 0, MAX_ITEMS)), most)
         return json_response(request, {"jobs": jobs})
@@ -160,7 +166,14 @@ class WorkersAPI:
         if not isinstance(items, list) or len(items) > MAX_ITEMS:
             raise InvalidRequest("reports must be a list")
         reports = [_report(item) for item in items]
-        await self.workers.report(name, reports)
+        if self.turns is None:
+            await self.workers.report(name, reports)
+        else:
+            stored = []
+            for start in range(0, len(reports), self.turns.slice_size):
+                await self.turns.turn()
+                stored.append(self.workers.report(name, reports[start:start + self.turns.slice_size]))
+            await gatherResults(stored)
         return json_response(request, {"accepted": len(reports)})
 
     @app.route("/worker/v1/leave", methods=["POST"])
