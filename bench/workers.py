@@ -20,8 +20,12 @@ Measured:
    >= 1,000 jobs/s;
 3. where it tops out: the same with every worker pulling at once when the jobs are added (then
    again as soon as it has reported), with the manager's reactor CPU and this process's CPU over
-   that phase (whichever is saturated is the limit);
-4. baseline for the rate: the same number of trivial jobs (`true`) through a manager's own local
+   that phase (whichever is saturated is the limit), and how long the manager's reactor was
+   runnable but waiting for a CPU (schedstat: other work on a shared machine);
+4. paced (`--paced`, default 1,200 jobs/s): the farm's pulls spaced so that it takes jobs at
+   that rate, as a farm of jobs that take time does; the heartbeat p99 while jobs flow at
+   >= 1,000 jobs/s without the manager being driven to its limit;
+5. baseline for the rate: the same number of trivial jobs (`true`) through a manager's own local
    launchers, measured in the same run.
 
 The machine may be shared with other work (the load average is printed): compare the ratios,
@@ -162,6 +166,8 @@ class Farm:
         self.stopping = False
         self.pulling: dict[str, bool] = {}
         self.errors = 0
+        self.rate = 0.0  # jobs/s the farm as a whole takes, when paced (0: as fast as it can)
+        self.next_pull = 0.0
 
     async def wire(self, name: str) -> Wire:
         wire = self.wires.get(name)
@@ -177,8 +183,8 @@ class Farm:
         wire = await self.wire(name)
         return await wire.request(head + (body or b""))
 
-    async def post(self, name: str, route: str, body: dict[str, Any]) -> tuple[Any, float]:
-        code, reply, seconds = await self.send(name, "POST", "worker/v1/" + route, json.dumps(body).encode())
+    async def post(self, wire: str, route: str, body: dict[str, Any]) -> tuple[Any, float]:
+        code, reply, seconds = await self.send(wire, "POST", "worker/v1/" + route, json.dumps(body).encode())
         if code != 200:
             self.errors += 1
             raise RuntimeError(f"{route}: {code} {reply[:200]!r}")
@@ -197,6 +203,7 @@ class Farm:
         self.pulling[name] = True
         try:
             while not self.stopping:
+                await self.paced()
                 body = {"name": name, "session": self.sessions[name], "cores": 0, "memory": 100000, "slots": SLOTS}
                 jobs = (await self.post(name, "pull", body))[0]["jobs"]
                 if jobs:
@@ -214,26 +221,32 @@ class Farm:
         finally:
             self.pulling[name] = False
 
+    async def paced(self) -> None:
+        """When paced, the farm's pulls start one every SLOTS / rate seconds (as jobs that take
+        time would free slots at that rate): the flow is what a farm of real jobs asks for, not
+        the most the manager can give."""
+        if not self.rate:
+            return
+        now = time.perf_counter()
+        self.next_pull = max(now, self.next_pull + SLOTS / self.rate)
+        if self.next_pull > now:
+            await deferLater(self.reactor, self.next_pull - now, lambda: None)
+
     async def live(self, name: str) -> None:
-        """Heartbeat every HEARTBEAT seconds (first one at a random offset), pulling after each
-        until a pull comes back empty."""
+        """Heartbeat every HEARTBEAT seconds (first one at a random offset), on a connection of
+        its own, whatever the worker's pulls and reports are doing (as the agent's heartbeat is
+        due every HEARTBEAT seconds); after a heartbeat that says work is ready, start pulling
+        if it is not already."""
         await deferLater(self.reactor, random.uniform(0, HEARTBEAT), lambda: None)
         while not self.stopping:
             started = time.perf_counter()
-            ready = 1
             try:
-                answer, seconds = await self.post(name, "heartbeat", {
+                answer, seconds = await self.post(name + "/beat", "heartbeat", {
                     "name": name, "session": self.sessions[name], "running": [],
                     "figures": {"load_average": {"1min": 0.1}}})
-                ready = answer.get("ready", 1)
                 self.beats.setdefault(self.phase, []).append(seconds)
-            except Exception:
-                pass
-            # As the agent's cycle: heartbeat, then pull when the manager has work; one request at
-            # a time per worker.
-            try:
-                if ready:
-                    await self.pull_and_run(name)
+                if answer.get("ready", 1) and not self.pulling.get(name):
+                    ensureDeferred(self.pull_and_run(name)).addErrback(lambda f: None)
             except Exception:
                 pass
             await deferLater(self.reactor, max(0.0, HEARTBEAT - (time.perf_counter() - started)), lambda: None)
@@ -418,6 +431,13 @@ async def main(reactor: Any, opts: Any) -> int:
             print(f"every worker pulling at once (top): {top:,.0f} jobs/s (manager reactor {cpu['main']:.0%} CPU and "
                   f"{cpu['main waited']:.0%} runnable waiting for one, its threads {cpu['threads']:.0%}; "
                   f"this process {own:.0%}, {cpu['own waited']:.0%} waiting)")
+            if opts.paced:
+                farm.rate = opts.paced
+                paced, cpu, own = await jobs_phase(reactor, farm, admin, n_jobs, "paced")
+                served["paced"] = await heartbeat_timing(admin)
+                farm.rate = 0.0
+                print(f"paced at {opts.paced:,} jobs/s: {paced:,.0f} jobs/s (manager reactor {cpu['main']:.0%} CPU and "
+                      f"{cpu['main waited']:.0%} runnable waiting for one; this process {own:.0%})")
             await deferLater(reactor, HEARTBEAT, lambda: None)
             farm.stopping = True
             await DeferredList(lives + [probe, lag], consumeErrors=True)
@@ -429,7 +449,7 @@ async def main(reactor: Any, opts: Any) -> int:
                     wire.transport.loseConnection()
     base = [t for phase, times in farm.baseline.items() if phase != "warm-up" for t in times]
     beats = [t for phase, times in farm.beats.items() if phase != "warm-up" for t in times]
-    flowing = [t for phase, times in farm.beats.items() if phase in ("cadence", "all at once") for t in times]
+    flowing = [t for phase, times in farm.beats.items() if phase in ("cadence", "all at once", "paced") for t in times]
     for phase, times in farm.beats.items():
         print(f"heartbeats while {phase}: {len(times):,}, p50 {percentile(times, 0.5) * 1000:.1f} ms, "
               f"p99 {percentile(times, 0.99) * 1000:.1f} ms (target < 50 ms)")
@@ -461,6 +481,8 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="a tiny, quick run (CI): not a timed test")
     parser.add_argument("--workers", type=int, default=0, help="simulated workers (default 1,000; smoke 50)")
     parser.add_argument("--jobs", type=int, default=0, help="jobs per phase (default 10,000; smoke 500)")
+    parser.add_argument("--paced", type=float, default=1200.0, metavar="JOBS_PER_S",
+                        help="a last phase with the farm taking jobs at this rate (0: none; default 1,200)")
     parser.add_argument("--priority", type=int, default=0, metavar="N",
                         help="run the manager and the simulator at nice -N (root), ahead of other work on a "
                              "shared machine")

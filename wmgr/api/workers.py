@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from klein import Klein
-from twisted.internet.defer import gatherResults
 
 from wmgr.api.common import install_error_handlers, json_response, read_json
 from wmgr.errors import InvalidRequest
@@ -173,7 +172,8 @@ class WorkersAPI:
             for start in range(0, len(reports), self.turns.slice_size):
                 await self.turns.turn()
                 stored.append(self.workers.report(name, reports[start:start + self.turns.slice_size]))
-            await gatherResults(stored)
+            for d in stored:  # committed in order: the last is the one that waits
+                await d
         return json_response(request, {"accepted": len(reports)})
 
     @app.route("/worker/v1/leave", methods=["POST"])

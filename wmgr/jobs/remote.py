@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
-from twisted.internet.defer import succeed
-
 from wmgr.jobs import model
 from wmgr.jobs.model import Job
 from wmgr.jobs.scheduler import Capacity
@@ -79,12 +77,16 @@ class RemoteRuns:
             self.runs[job.key] = run
             self._follow(job, run)
 
-    def remote_started(self: "JobQueue", job: Job, run: Any, pid: int, started: float) -> Any:
-        """A worker reports that it started a job it was given; fires once stored."""
+    def committed(self: "JobQueue") -> Any:
+        """A Deferred that fires once every change made so far is committed (writes are
+        committed in order); fails if the write did."""
+        return self._save([], strict=True)
+
+    def remote_started(self: "JobQueue", job: Job, run: Any, pid: int, started: float) -> None:
+        """A worker reports that it started a job it was given."""
         if self.runs.get(job.key) is run and job.state in model.ACTIVE_STATES:
             job.pid, job.started, job.state = pid, started, model.RUNNING
-            return self._save([job])
-        return succeed(None)
+            self.journal.mark([job])
 
 
 def _is_ready(job: Job) -> bool:

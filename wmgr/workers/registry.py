@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -346,7 +346,7 @@ class Workers(Service):
         """Starts, output and ends, each for the lease it names; stale ones are ignored. Fires
         once what they changed is stored: the worker forgets a report once it is answered, so an
         end acknowledged but lost to a manager crash would have its job run again."""
-        stored: list[Deferred[Any]] = []
+        changed = False
         for report in reports:
             run = self.queue.runs.get(report["key"])
             if not isinstance(run, RemoteRun) or run.worker.name != name or run.attempt != report["attempt"]:
@@ -354,8 +354,8 @@ class Workers(Service):
             job = self.queue.live.get(report["key"])
             event = report["event"]
             if event == "start" and job is not None:
-                stored.append(self.queue.remote_started(job, run, report.get("pid", 0),
-                                                        report.get("started", run.started)))
+                self.queue.remote_started(job, run, report.get("pid", 0), report.get("started", run.started))
+                changed = True
             elif event == "output":
                 self._output(report["key"], report.get("text", ""))
             elif event == "end":
@@ -370,8 +370,9 @@ class Workers(Service):
                     lost=report.get("exitcode") is None and report.get("signal") is None
                     and not report.get("kill_reason") and not report.get("start_error"),
                 ))
-                stored.append(_settled(run.done))  # the queue's handling of the end, its commit included
-        return gatherResults(stored) if stored else succeed(None)
+                changed = True
+        # The queue's writes are committed in order: once a write made after them all is.
+        return self.queue.committed() if changed else succeed(None)
 
     def leave(self, name: str, session: str) -> None:
         worker = self.session_of(name, session)
@@ -460,13 +461,6 @@ class Workers(Service):
                 memory_limit = max(spec["memory"], job.memory) * (1 + policy.memory_margin)
         return {"key": job.key, "attempt": run.attempt, "spec": spec, "cores": job.cores, "memory": job.memory,
                 "max_time": max_time, "memory_limit": memory_limit}
-
-
-def _settled(d: Deferred[Any]) -> Deferred[None]:
-    """A Deferred that fires (with None) once `d` has run its callbacks, leaving `d` as it was."""
-    waiter: Deferred[None] = Deferred()
-    d.addBoth(lambda result: (waiter.callback(None), result)[1])
-    return waiter
 
 
 def _load(conn: sqlite3.Connection) -> list[tuple[str, int, str, str, int]]:
