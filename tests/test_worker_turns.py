@@ -98,6 +98,9 @@ def test_a_heartbeat_is_answered_while_pulls_and_reports_wait_for_their_turns(tm
     reactor.turn()
     m.settle()
     stub.flush()
+    assert pulled == [] and all(job.state == model.RESERVED for job in jobs)  # stored; the reply waits a turn
+    reactor.turn()
+    stub.flush()
     assert len(pulled[0]["jobs"]) == 3
     # Six reports: three turns of two.
     reports = [{"key": p["key"], "attempt": 1, "event": event, "exitcode": 0}

@@ -143,10 +143,11 @@ class WorkersAPI:
         body = _object(request)
         name, session = self._session(body)
         most = int(_number(body, "most", 0, MAX_ITEMS)) if "most" in body else 0
-        if self.turns is not None:
-            await self.turns.turn()
+        turn = self.turns.turn if self.turns is not None else None
+        if turn is not None:
+            await turn()
         jobs = await self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
-                                 int(_number(body, "slots", 0, MAX_ITEMS)), most)
+                                       int(_number(body, "slots", 0, MAX_ITEMS)), most, turn)
         return json_response(request, {"jobs": jobs})
 
     @app.route("/worker/v1/may-run", methods=["POST"])

@@ -311,9 +311,11 @@ class Workers(Service):
                 "ready": self.queue.scheduler.waiting() if worker.enabled else 0}
 
     async def pull(self, name: str, session: str, cores: float, memory: int, slots: int,
-                   most: int = 0) -> list[dict[str, Any]]:
+                   most: int = 0, turn: Optional[Callable[[], Deferred[None]]] = None) -> list[dict[str, Any]]:
         """Hand the worker as many ready jobs as fit its free room, each under a lease; the
-        worker is told once the hand-out is stored (a manager restart then finds its jobs)."""
+        worker is told once the hand-out is stored (a manager restart then finds its jobs).
+        `turn`: waited for again once stored, before the reply is made (the commit of many pulls
+        fires at once; their replies are then made a few at a time, see turns.py)."""
         worker = self.session_of(name, session)
         worker.last_seen = self._reactor.seconds()
         if not worker.enabled or worker.connection != ONLINE:
@@ -329,6 +331,8 @@ class Workers(Service):
             for run in leases:
                 run.lose(self._reactor.seconds())
             raise
+        if turn is not None:
+            await turn()
         # A lease may have ended while the write went on (the worker went offline): not sent.
         return [self._payload(job, run) for job, run in zip(jobs, leases) if not run.finished]
 

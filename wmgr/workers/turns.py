@@ -7,7 +7,8 @@ wait misses its lease. So pulls and reports wait for a turn: `await turns.turn()
 later reactor turn, in arrival order, each turn releasing bulk work only until `budget` seconds
 have gone (at least one piece, so bulk work always progresses). Heartbeats are handled where they
 are read; their replies are written in the next turn's I/O, before the rest of the bulk work. A
-big report batch takes a turn per slice of `slice_size` reports.
+big report batch takes a turn per slice of `slice_size` reports, and a pull takes a second turn
+once its hand-out is committed (one commit can store many pulls) to make its reply.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from twisted.internet.defer import Deferred
 
 
 class Turns:
-    def __init__(self, reactor: Any, budget: float = 0.005, slice_size: int = 64,
+    def __init__(self, reactor: Any, budget: float = 0.003, slice_size: int = 64,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self._reactor = reactor
         self.budget = budget
