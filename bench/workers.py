@@ -408,7 +408,8 @@ async def main(reactor: Any, opts: Any) -> int:
             for i in range(0, n_workers, 50):
                 await DeferredList([ensureDeferred(farm.register(name)) for name in names[i:i + 50]],
                                    fireOnOneErrback=True, consumeErrors=True)
-            print(f"{n_workers} workers registered in {time.perf_counter() - started:.1f} s")
+            print(f"{n_workers} workers registered in {time.perf_counter() - started:.1f} s (manager pid "
+                  f"{d.process.pid}, for py-spy)", flush=True)  # type: ignore[union-attr]
             lives = [ensureDeferred(farm.live(name)) for name in names]
             probe = ensureDeferred(farm.probe(client_token))
             lag = ensureDeferred(farm.lag())
@@ -430,7 +431,7 @@ async def main(reactor: Any, opts: Any) -> int:
             farm.kick = False
             print(f"every worker pulling at once (top): {top:,.0f} jobs/s (manager reactor {cpu['main']:.0%} CPU and "
                   f"{cpu['main waited']:.0%} runnable waiting for one, its threads {cpu['threads']:.0%}; "
-                  f"this process {own:.0%}, {cpu['own waited']:.0%} waiting)")
+                  f"this process {own:.0%}, {cpu['own waited']:.0%} waiting)", flush=True)
             if opts.paced:
                 farm.rate = opts.paced
                 paced, cpu, own = await jobs_phase(reactor, farm, admin, n_jobs, "paced")
