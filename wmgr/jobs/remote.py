@@ -54,13 +54,15 @@ class RemoteRuns:
             jobs.append(job)
             if most and len(jobs) >= most:
                 break
+        if jobs:
+            self.journal.mark(jobs)
         return jobs
 
     def handed_out(self: "JobQueue", jobs: list[Job]) -> Any:
         """A Deferred that fires once the jobs' hand-out is committed: a worker is told of a job
         only then, so that a manager restart finds it (its worker, its attempt) and never gives
         it to another while it runs. Fails if the write did."""
-        return self._save(jobs, strict=True)
+        return self.committed()
 
     def _take_back_remote(self: "JobQueue", jobs: Iterable[Job]) -> None:
         """Jobs an earlier daemon gave to workers, stored as running: each under a fresh lease on
