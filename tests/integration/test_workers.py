@@ -2,6 +2,9 @@
 jobs. One worker is killed with SIGKILL mid-job; its work must finish on the other within the
 manager's timeout plus one liveness period, every job run, none run twice at once.
 
+A second test kills the manager (kill -9) mid-run and starts it again on the same port: the jobs
+the workers ran carry on under their leases, none is lost and none runs twice.
+
 Each job appends "S <time>" as it starts and "E <time>" as it ends to a file named after itself,
 so that two runs of one job at once would show as two starts without an end between them."""
 
