@@ -162,6 +162,11 @@ async def test_the_manager_restarts_mid_run_and_no_job_is_lost_or_run_twice(
     client = manager.client(reactor)
     try:
         await client.add_jobs([{"cmd": job_command(marks, i, 1.5), "cpus": 1, "retries": 3} for i in range(n)])
+        # A job with behaviours: they run on the worker that ran it, in its directory.
+        behaved = tmp_path / "behaved"
+        await client.add_jobs([{"cmd": "echo out > file", "cpus": 1, "rep_grp": "behaved",
+                                "on_success": [{"run": f"cat file >> {behaved}; pwd >> {behaved}"}],
+                                "on_exit": [{"cleanup": True}]}])
 
         async def some_running_and_done() -> Any:
             running = await client.jobs(state="running")
@@ -190,6 +195,8 @@ async def test_the_manager_restarts_mid_run_and_no_job_is_lost_or_run_twice(
             assert [mark for mark, _ in runs_of(marks / f"job{i}")] == ["S", "E"], i  # run once, to its end
         for job in await client.jobs(",".join(job["Key"] for job in running)):
             assert job["State"] == "complete" and job["Attempts"] == 1 and job["Host"] in ("w1", "w2"), job
+        lines = behaved.read_text().split()
+        assert lines[0] == "out" and len(lines) == 2 and not Path(lines[1]).exists(), lines  # ran once; cleaned up
         # The workers kept their Flamenco ids.
         workers = (await client.get("workers")).json()
         assert {name: w["id"] for name, w in workers.items()} == ids
