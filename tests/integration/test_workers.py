@@ -149,8 +149,9 @@ def free_port() -> int:
 async def test_the_manager_restarts_mid_run_and_no_job_is_lost_or_run_twice(
         make_daemon: Any, reactor: Any, tmp_path: Path) -> None:
     # A timeout long enough for the manager to come back before its workers stop their jobs
-    # (they stop them once unreachable for about as long as a lease lasts).
-    config = MANAGER_CONFIG.replace(f"timeout = {TIMEOUT}", "timeout = 30")
+    # (they stop them once unreachable for about as long as a lease lasts: here 54.5 s, ample
+    # for a restart on a loaded machine). No worker goes silent here, so it costs no time.
+    config = MANAGER_CONFIG.replace(f"timeout = {TIMEOUT}", "timeout = 60")
     manager = await make_daemon("--port", str(free_port()), name="manager", config=config)
     worker_args = ["--manager", manager.url, "--manager-ca", str(manager.data_dir / "ca.pem"),
                    "--manager-token-file", str(manager.data_dir / "worker.token")]
