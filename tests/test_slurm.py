@@ -243,9 +243,9 @@ def test_a_pull_with_time_left_hands_out_only_jobs_that_end_in_time(s: Setup) ->
     # (Within one shape the queue's order holds: a long job at its head holds the rest back.)
     s.m.add({"cmd": "long", "time": "1h", "memory": "2G"}, {"cmd": "short", "time": "1m"})
     session = s.m.workers.register("r", "10.0.0.1", 4, 8000).session
-    pulled = s.m.workers.pull("r", session, 4, 8000, 8, time_left=600)
+    pulled = s.m.run(s.m.workers.pull("r", session, 4, 8000, 8, time_left=600))
     assert [p["spec"]["cmd"] for p in pulled] == ["short"]
-    assert [p["spec"]["cmd"] for p in s.m.workers.pull("r", session, 4, 8000, 8)] == ["long"]
+    assert [p["spec"]["cmd"] for p in s.m.run(s.m.workers.pull("r", session, 4, 8000, 8))] == ["long"]
 
 
 # -- the commands ------------------------------------------------------------------------------

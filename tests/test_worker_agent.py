@@ -4,6 +4,7 @@ on the worker. No sleeps, no sockets."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,11 @@ class Down:
 
 class Setup:
     def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
         self.m = Manager(tmp_path)
         self.m.start()
-        surfaces = [(("worker",), WorkersAPI(self.m.workers).resource())]
-        fallback = RootApp(document([WORKER_PATHS, ROOT_PATHS])).app.resource()
-        self.stub = StubTreq(Root(CLIENT_TOKEN, surfaces, fallback, segment_tokens={"worker": WORKER_TOKEN}))
+        self.clock = self.m.clock  # the worker's; a restarted manager has its own
+        self.stub = self.serve(self.m)
         self.worker_store = SyncStore(tmp_path / "worker.db")
         self.spawner = FakeSpawner()
         self.client = Client(None, "https://manager.test/", None, WORKER_TOKEN, http=self.stub)
@@ -45,9 +46,23 @@ class Setup:
                                  Outbox(self.worker_store), tmp_path / "worker-run", self.spawner, heartbeat=5,
                                  in_thread=in_thread_now, figures=lambda: {"load_average": {"1min": 0.5}})
 
+    @staticmethod
+    def serve(manager: Manager) -> StubTreq:
+        surfaces = [(("worker",), WorkersAPI(manager.workers).resource())]
+        fallback = RootApp(document([WORKER_PATHS, ROOT_PATHS])).app.resource()
+        return StubTreq(Root(CLIENT_TOKEN, surfaces, fallback, segment_tokens={"worker": WORKER_TOKEN}))
+
+    def restart_manager(self) -> None:
+        """A new manager on the same store and address; the old one's memory is gone."""
+        self.m = Manager(self.tmp_path, session_prefix="restarted")
+        self.m.start()
+        self.stub = self.client._http = self.serve(self.m)
+
     def settle(self) -> None:
         for _ in range(30):
-            self.m.clock.advance(0)
+            self.clock.advance(0)
+            if self.m.clock is not self.clock:
+                self.m.clock.advance(0)
             self.stub.flush()
 
     def start(self) -> None:
@@ -55,7 +70,9 @@ class Setup:
         self.settle()
 
     def advance(self, seconds: float) -> None:
-        self.m.clock.advance(seconds)
+        self.clock.advance(seconds)
+        if self.m.clock is not self.clock:
+            self.m.clock.advance(seconds)
         self.settle()
 
     def end(self, cmd: str, code: int = 0) -> None:
@@ -80,6 +97,7 @@ def test_the_agent_registers_pulls_a_batch_that_fits_and_runs_it(s: Setup) -> No
     assert jobs[0].host == "w1" and jobs[0].host_ip == "10.9.9.9" and jobs[0].pid == s.spawner.spawned[0].pid
     s.end("echo 0")
     assert jobs[0].state == model.COMPLETE
+    assert jobs[0].key not in s.m.queue.live  # its end followed through: the store answers for it now
     assert s.spawner.commands() == ["echo 0", "echo 1", "echo 2"]  # room again: pulled at once
     s.end("echo 1", 3)
     assert jobs[1].state == model.BURIED and jobs[1].exitcode == 3 and jobs[1].fail_reason == model.FAIL_NONZERO
@@ -217,3 +235,89 @@ def test_the_agent_leaves_when_stopped_idle(s: Setup) -> None:
     s.agent.stopService()
     s.settle()
     assert "w1" not in s.m.workers.workers
+
+
+class BehaviourCommands:
+    """The reactor's spawnProcess for behaviours' `run` commands: recorded, ended by the test."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, str, Any]] = []  # (command, cwd, protocol)
+
+    def spawnProcess(self, protocol: Any, executable: str, argv: list[str], env: Any = None, path: Any = None,
+                     childFDs: Any = None) -> Any:
+        self.started.append((argv[-1], path, protocol))
+        return self
+
+    def closeStdin(self) -> None:
+        pass
+
+    def end(self, i: int, code: int = 0) -> None:
+        from twisted.internet import error
+        from twisted.python.failure import Failure
+        reason = error.ProcessDone(0) if code == 0 else error.ProcessTerminated(code, None, None)
+        self.started[i][2].processEnded(Failure(reason))
+
+
+def test_a_pulled_job_runs_its_behaviours_on_the_worker_before_its_end_is_reported(s: Setup) -> None:
+    commands = BehaviourCommands()
+    s.clock.spawnProcess = commands.spawnProcess  # type: ignore[attr-defined]
+    (job,) = s.m.add({"cmd": "work", "cpus": 1, "on_success": [{"run": "echo ok >> marks"}],
+                      "on_failure": [{"run": "echo wrong"}], "on_exit": [{"cleanup": True}]})
+    s.start()
+    workspace = s.agent.slots[job.key].run.workspace  # type: ignore[union-attr]
+    assert workspace is not None and os.path.isdir(workspace.cwd)
+    s.end("work")
+    # The success behaviour runs where the job ran; until it ends the job holds its slot and its
+    # end is not reported.
+    assert [(cmd, cwd) for cmd, cwd, _ in commands.started] == [("echo ok >> marks", workspace.cwd)]
+    assert job.state == model.RUNNING and job.key in s.agent.slots and os.path.isdir(workspace.cwd)
+    commands.end(0)
+    s.settle()
+    assert job.state == model.COMPLETE and not os.path.exists(workspace.root)  # on_exit: cleanup
+
+
+def test_a_pulled_job_kept_by_its_behaviours_keeps_its_directory_and_remove_leaves_the_queue(s: Setup) -> None:
+    kept, removed = s.m.add({"cmd": "kept", "cpus": 1, "on_exit": [{"nothing": True}]},
+                            {"cmd": "gone", "cpus": 1, "retries": 0, "on_failure": [{"remove": True}]})
+    s.start()
+    kept_root = s.agent.slots[kept.key].run.workspace.root  # type: ignore[union-attr]
+    gone_root = s.agent.slots[removed.key].run.workspace.root  # type: ignore[union-attr]
+    s.end("kept")
+    s.end("gone", 2)
+    assert kept.state == model.COMPLETE and os.path.isdir(kept_root)
+    assert removed.state == model.DELETED and removed.key not in s.m.queue.live and s.m.store.row(removed.key) is None
+    assert os.path.isdir(gone_root)  # as for a local job: behaviours without cleanup keep the directory
+
+
+def test_a_run_stopped_because_its_job_was_given_away_runs_no_behaviours(s: Setup, monkeypatch: Any) -> None:
+    monkeypatch.setattr(runner, "signal_group", lambda pgid, sig: None)
+    commands = BehaviourCommands()
+    s.clock.spawnProcess = commands.spawnProcess  # type: ignore[attr-defined]
+    (job,) = s.m.add({"cmd": "long", "cpus": 1, "retries": 2, "on_failure": [{"run": "echo failed"}]})
+    s.start()
+    root = s.agent.slots[job.key].run.workspace.root  # type: ignore[union-attr]
+    s.client._http = Down()
+    s.advance(61)
+    s.m.workers.check()
+    s.client._http = s.stub
+    s.advance(5)
+    s.spawner.running("long").end(None, sig=15)
+    s.settle()
+    assert commands.started == [] and not os.path.exists(root)
+
+
+def test_a_pulled_job_carries_on_across_a_restart_of_the_manager_and_runs_once(s: Setup) -> None:
+    (job,) = s.m.add({"cmd": "long", "cpus": 1, "retries": 2})
+    s.start()
+    assert job.state == model.RUNNING
+    s.restart_manager()
+    s.advance(5)  # the heartbeat is refused (no such session): it registers again holding its job
+    job = s.m.queue.live[job.key]
+    assert s.agent.session == s.m.workers.workers["w1"].session and s.agent.reachable and s.spawner.commands() == ["long"]
+    assert s.m.workers.workers["w1"].leases.keys() == {job.key} and job.state == model.RUNNING
+    s.m.add({"cmd": "other", "cpus": 1})
+    s.advance(5)
+    assert s.spawner.commands() == ["long", "other"]  # pulling again, and never the same job twice
+    s.end("long")
+    assert job.state == model.COMPLETE and job.attempts == 1 and job.host == "w1"
+    assert s.m.store.row(job.key) == (model.COMPLETE, "")

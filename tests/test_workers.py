@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from tests.test_queue import Harness
@@ -23,20 +24,23 @@ TIMEOUT = 60.0
 class Manager(Harness):
     """A queue that runs nothing itself, and its registry of workers."""
 
-    def __init__(self, tmp_path: Path, **policy: Any) -> None:
+    def __init__(self, tmp_path: Path, session_prefix: str = "session", **policy: Any) -> None:
         policy.setdefault("run_local", False)
         super().__init__(tmp_path, **policy)
         self.bad = BadServers(self.clock)
-        sessions = iter(f"session{i}" for i in range(1000))
-        self.workers = Workers(self.queue, self.clock, TIMEOUT, 5.0, self.bad, new_session=lambda: next(sessions))
+        sessions = iter(f"{session_prefix}{i}" for i in range(1000))
+        self.workers = Workers(self.queue, self.clock, TIMEOUT, 5.0, self.bad, new_session=lambda: next(sessions),
+                               store=self.store)
+
+    def start(self) -> None:
+        self.run(self.workers.load())
+        super().start()
 
     def join(self, name: str, ip: str = "10.0.0.1") -> str:
         return self.workers.register(name, ip, 4, 8000).session
 
     def pull(self, name: str, session: str, cores: float = 4, memory: int = 8000, slots: int = 8) -> list[dict[str, Any]]:
-        jobs = self.workers.pull(name, session, cores, memory, slots)
-        self.settle()
-        return jobs
+        return self.run(self.workers.pull(name, session, cores, memory, slots))
 
     def report(self, name: str, payload: dict[str, Any], event: str, **fields: Any) -> None:
         self.workers.report(name, [dict(fields, key=payload["key"], attempt=payload["attempt"], event=event)])
@@ -208,6 +212,155 @@ def test_registering_again_ends_the_old_sessions_leases(m: Manager) -> None:
     with pytest.raises(Conflict):
         m.workers.beat("a", old, [])
     assert m.workers.may_run("a", new, [(job.key, 1)])["stop"] == [job.key]
+
+
+def test_registering_again_holding_its_jobs_keeps_their_leases(m: Manager) -> None:
+    kept, dropped = m.add({"cmd": "kept", "retries": 1}, {"cmd": "dropped", "retries": 1})
+    old = m.join("a")
+    m.pull("a", old)
+    new = m.workers.register("a", "10.0.0.1", 4, 8000, holding=[(kept.key, 1), (dropped.key, 2)]).session
+    m.settle()
+    assert kept.state == model.RESERVED and dropped.state == model.READY  # attempt 2 is not its lease
+    assert m.workers.may_run("a", new, [(kept.key, 1)]) == {"run": [kept.key], "stop": []}
+    m.report("a", {"key": kept.key, "attempt": 1}, "end", exitcode=0)
+    assert kept.state == model.COMPLETE
+
+
+def test_reports_and_pulls_are_answered_once_what_they_change_is_stored(m: Manager) -> None:
+    (job,) = m.add({"cmd": "true"})
+    a = m.join("a")
+    real = m.store.write
+    held: list[tuple[Any, Deferred[Any]]] = []
+
+    def gated(operation: Any, durable: bool = True) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append((operation, d))
+        return d
+
+    def release() -> None:
+        while held:
+            operation, d = held.pop(0)
+            real(operation).chainDeferred(d)
+        m.settle()
+
+    m.store.write = gated  # type: ignore[method-assign]
+    pulled: list[Any] = []
+    ensureDeferred(m.workers.pull("a", a, 4, 8000, 8)).addCallback(pulled.append)
+    m.settle()
+    assert pulled == [] and held  # the hand-out is not told before it is stored
+    release()
+    ((payload,),) = pulled
+    answered: list[Any] = []
+    m.workers.report("a", [{"key": payload["key"], "attempt": 1, "event": "end", "exitcode": 0}]).addCallback(
+        answered.append)
+    m.settle()
+    assert answered == [] and held and job.state == model.COMPLETE
+    release()
+    assert answered and m.store.row(job.key) == (model.COMPLETE, "")
+
+
+def restarted(m: Manager) -> Manager:
+    """A new manager on the same store (the first one's memory gone), started."""
+    again = Manager(m.tmp_path, session_prefix="restarted")
+    again.start()
+    return again
+
+
+def test_a_job_running_on_a_worker_stays_running_across_a_manager_restart(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 1})
+    a = m.join("a", "10.0.0.9")
+    (payload,) = m.pull("a", a)
+    m.report("a", payload, "start", pid=77, started=m.clock.seconds())
+    host_id = job.host_id
+
+    m2 = restarted(m)
+    job = m2.queue.live[job.key]
+    run = m2.queue.runs[job.key]
+    assert isinstance(run, RemoteRun) and run.attempt == 1 and job.state == model.RUNNING
+    assert (job.host, job.host_ip, job.host_id, job.attempts) == ("a", "10.0.0.9", host_id, 1)
+    assert m2.workers.workers["a"].connection == ONLINE and m2.workers.counts()["leases"] == 1
+    with pytest.raises(Conflict):  # its session died with the old manager: it registers again
+        m2.workers.beat("a", a, [job.key])
+    new = m2.workers.register("a", "10.0.0.9", 4, 8000, holding=[(job.key, 1)]).session
+    assert m2.workers.may_run("a", new, [(job.key, 1)]) == {"run": [job.key], "stop": []}
+    assert m2.workers.beat("a", new, [job.key])["stop"] == []
+    # Not given to anyone else meanwhile.
+    b = m2.join("b")
+    assert m2.pull("b", b) == []
+    m2.clock.advance(TIMEOUT + 1)  # heartbeats renew the lease as before
+    m2.workers.beat("a", new, [job.key])
+    m2.workers.check()
+    assert job.state == model.RUNNING
+    m2.report("a", payload, "end", exitcode=0, started=job.started, ended=m2.clock.seconds())
+    assert job.state == model.COMPLETE and job.attempts == 1 and m2.store.row(job.key) == (model.COMPLETE, "")
+
+
+def test_reports_of_a_worker_land_after_a_manager_restart_before_it_registers_again(m: Manager) -> None:
+    (job,) = m.add({"cmd": "false", "retries": 0})
+    a = m.join("a")
+    (payload,) = m.pull("a", a)
+    m2 = restarted(m)
+    m2.report("a", payload, "end", exitcode=1)
+    assert m2.queue.live[job.key].state == model.BURIED and m2.store.row(job.key) == (model.BURIED, model.FAIL_NONZERO)
+
+
+def test_a_worker_not_back_within_the_timeout_after_a_restart_loses_its_jobs(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 1})
+    a = m.join("a")
+    m.pull("a", a)
+    m2 = restarted(m)
+    job = m2.queue.live[job.key]
+    m2.clock.advance(TIMEOUT)
+    m2.workers.check()
+    assert job.state == model.RESERVED
+    m2.clock.advance(0.1)
+    m2.workers.check()
+    m2.settle()
+    assert m2.workers.workers["a"].connection == OFFLINE
+    assert job.state == model.READY and job.fail_reason == model.FAIL_LOST and job.failures == 1
+    b = m2.join("b")
+    (again,) = m2.pull("b", b)
+    assert again["key"] == job.key and again["attempt"] == 2
+
+
+def test_a_worker_that_restarted_too_gives_back_the_jobs_it_no_longer_holds(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep", "retries": 1})
+    a = m.join("a")
+    m.pull("a", a)
+    m2 = restarted(m)
+    m2.workers.register("a", "10.0.0.1", 4, 8000)  # a new daemon: its jobs died with the old one
+    m2.settle()
+    assert m2.queue.live[job.key].state == model.READY and m2.workers.counts()["leases"] == 0
+
+
+def test_without_a_worker_registry_a_job_a_worker_ran_is_lost_at_restart(m: Manager) -> None:
+    (job,) = m.add({"cmd": "sleep"})
+    a = m.join("a")
+    m.pull("a", a)
+    plain = Harness(m.tmp_path, run_local=False)  # a queue alone, as before workers existed
+    plain.start()
+    assert plain.queue.live[job.key].state == model.LOST
+
+
+def test_workers_keep_their_ids_and_disable_across_a_restart_and_one_that_left_is_forgotten(m: Manager) -> None:
+    m.join("a")
+    b = m.join("b", "10.0.0.2")
+    m.workers.announce("flam", "10.0.0.3", system="Linux")
+    m.workers.set_enabled("b", False)
+    assert [m.workers.get(name).id for name in ("a", "b", "flam")] == [1, 2, 3]
+    m.workers.leave("b", b)
+    m.workers.register("b", "10.0.0.2", 4, 8000)  # back: a new id, as a newcomer
+    m.workers.set_enabled("b", False)
+    m2 = restarted(m)
+    assert {name: (w.id, w.connection, w.enabled, w.ip) for name, w in m2.workers.workers.items()} == {
+        "a": (1, OFFLINE, True, "10.0.0.1"), "b": (4, OFFLINE, False, "10.0.0.2"), "flam": (3, OFFLINE, True, "10.0.0.3")}
+    assert m2.workers.by_id(3).name == "flam" and m2.workers.by_id(3).system == "Linux"
+    assert m2.workers.counts() == {"online": 0, "offline": 3, "leases": 0}
+    assert m2.workers.register("a", "10.0.0.1", 4, 8000).id == 1  # the same id again
+    assert m2.workers.register("new", "10.0.0.5", 4, 8000).id == 5  # never one used before
+    assert m2.workers.register("b", "10.0.0.2", 4, 8000).enabled is False  # still disabled
+    (job,) = m2.add({"cmd": "x"})
+    assert m2.pull("b", m2.workers.get("b").session) == []
 
 
 def test_a_worker_that_leaves_gives_its_jobs_back(m: Manager) -> None:

@@ -57,6 +57,7 @@ from wmgr.flamenco import Flamenco
 from wmgr.host import host_address, host_name
 from wmgr.tls import ServerTLS
 from wmgr.workers.registry import Workers
+from wmgr.workers.turns import Turns
 
 log = Logger()
 
@@ -156,10 +157,12 @@ class WmgrService(MultiService):
                               QueuePolicy.from_config(config, run_local=config.run_local and slurm_commands is None),
                               spawn=self.launcher.spawn)
         self.queue.on_drained = self._drained
+        # The workers first: the queue's recovery gives the jobs workers ran back to them.
+        self.workers = Workers(self.queue, self._reactor, config.workers_timeout, config.worker_heartbeat,
+                               self.bad_servers, store=self.store)
+        await self.workers.load()
         self.queue.setServiceParent(self)
         await self.queue.ready
-        self.workers = Workers(self.queue, self._reactor, config.workers_timeout, config.worker_heartbeat,
-                               self.bad_servers)
         self.workers.setServiceParent(self)
         self.flamenco = Flamenco(self.queue, self.workers, self.store)
         self.flamenco.setServiceParent(self)
@@ -184,7 +187,9 @@ class WmgrService(MultiService):
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
                                        shutdown=self.shutdown).resource()),
-                    (("worker",), WorkersAPI(self.workers).resource()),
+                    # Quiet: a line per heartbeat, pull and report cost a fifth of each request's
+                    # CPU with many workers (failures are still logged; timings are in /metrics).
+                    Surface(("worker",), WorkersAPI(self.workers, Turns(self._reactor)).resource(), quiet=True),
                     (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource()),
                     Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
         if self.slurm is not None:

@@ -118,6 +118,12 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE flamenco_tasks (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
     """,
+    # 7: the workers a manager knows (wmgr/workers/registry.py), so that a worker keeps its small
+    # Flamenco id (GET /workers/<id>) and an operator's disable across restarts.
+    """
+    CREATE TABLE workers (name TEXT PRIMARY KEY, id INTEGER NOT NULL UNIQUE, ip TEXT NOT NULL,
+                          system TEXT NOT NULL, enabled INTEGER NOT NULL);
+    """,
 ]
 
 _STOP = object()

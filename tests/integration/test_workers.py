@@ -2,6 +2,9 @@
 jobs. One worker is killed with SIGKILL mid-job; its work must finish on the other within the
 manager's timeout plus one liveness period, every job run, none run twice at once.
 
+A second test kills the manager (kill -9) mid-run and starts it again on the same port: the jobs
+the workers ran carry on under their leases, none is lost and none runs twice.
+
 Each job appends "S <time>" as it starts and "E <time>" as it ends to a file named after itself,
 so that two runs of one job at once would show as two starts without an end between them."""
 
@@ -133,3 +136,72 @@ async def test_two_workers_run_the_queue_and_one_dies_mid_job(make_daemon: Any, 
     finally:
         await client.close()
     assert await w2.stop(reactor) == 0, w2.log()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_manager_restarts_mid_run_and_no_job_is_lost_or_run_twice(
+        make_daemon: Any, reactor: Any, tmp_path: Path) -> None:
+    # A timeout long enough for the manager to come back before its workers stop their jobs
+    # (they stop them once unreachable for about as long as a lease lasts: here 54.5 s, ample
+    # for a restart on a loaded machine). No worker goes silent here, so it costs no time.
+    config = MANAGER_CONFIG.replace(f"timeout = {TIMEOUT}", "timeout = 60")
+    manager = await make_daemon("--port", str(free_port()), name="manager", config=config)
+    worker_args = ["--manager", manager.url, "--manager-ca", str(manager.data_dir / "ca.pem"),
+                   "--manager-token-file", str(manager.data_dir / "worker.token")]
+    await make_daemon(*worker_args, "--worker-name", "w1", name="w1", config=WORKER_CONFIG)
+    await make_daemon(*worker_args, "--worker-name", "w2", name="w2", config=WORKER_CONFIG)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    n = 40
+    client = manager.client(reactor)
+    try:
+        await client.add_jobs([{"cmd": job_command(marks, i, 1.5), "cpus": 1, "retries": 3} for i in range(n)])
+        # A job with behaviours: they run on the worker that ran it, in its directory.
+        behaved = tmp_path / "behaved"
+        await client.add_jobs([{"cmd": "echo out > file", "cpus": 1, "rep_grp": "behaved",
+                                "on_success": [{"run": f"cat file >> {behaved}; pwd >> {behaved}"}],
+                                "on_exit": [{"cleanup": True}]}])
+
+        async def some_running_and_done() -> Any:
+            running = await client.jobs(state="running")
+            done = [path for path in marks.iterdir() if runs_of(path)[-1:] and runs_of(path)[-1][0] == "E"]
+            return len(running) >= 4 and len(done) >= 4 and running
+
+        running = await until(reactor, some_running_and_done, timeout=60)
+        ids = {name: w["id"] for name, w in (await client.get("workers")).json().items()}
+        await client.close()
+        manager.crash()  # kill -9 mid-run: nothing in memory survives
+        await manager.start(reactor)
+        client = manager.client(reactor)
+
+        # The jobs the workers ran carry on there under their first attempt.
+        after = {job["Key"]: job for job in await client.jobs(",".join(job["Key"] for job in running))}
+        assert all(job["State"] in ("reserved", "running", "complete") for job in after.values()), \
+            [(job["State"], job["FailReason"], job["Attempts"], job["Host"]) for job in after.values()
+             if job["State"] not in ("reserved", "running", "complete")]
+
+        async def all_complete() -> Any:
+            reply = await client.get("rest/v1/jobs/")
+            return reply.code == 200 and reply.json() == []
+
+        await until(reactor, all_complete, timeout=90)
+        for i in range(n):
+            assert [mark for mark, _ in runs_of(marks / f"job{i}")] == ["S", "E"], i  # run once, to its end
+        for job in await client.jobs(",".join(job["Key"] for job in running)):
+            assert job["State"] == "complete" and job["Attempts"] == 1 and job["Host"] in ("w1", "w2"), job
+        lines = behaved.read_text().split()
+        assert lines[0] == "out" and len(lines) == 2 and not Path(lines[1]).exists(), lines  # ran once; cleaned up
+        # The workers kept their Flamenco ids.
+        workers = (await client.get("workers")).json()
+        assert {name: w["id"] for name, w in workers.items()} == ids
+        assert all(w["connection"] == "online" for w in workers.values())
+        assert (await client.get(f"workers/{ids['w1']}")).json()["hostname"] == "w1"
+    finally:
+        await client.close()

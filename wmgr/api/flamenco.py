@@ -146,11 +146,12 @@ class FlamencoAPI:
         return json_response(request, {w.name: self._worker_summary(w) for w in self.workers.workers.values()})
 
     @app.route("/workers", methods=["POST"])
-    def register_worker(self, request: Any) -> bytes:
+    async def register_worker(self, request: Any) -> bytes:
         fields = request_fields(request)
-        self.workers.announce(_hostname(fields), request.getClientAddress().host,
-                              _text(fields, "system", limit=200) or "",
-                              _integer(fields, "port", low=0, high=65535) or 0, _figures(fields))
+        worker = self.workers.announce(_hostname(fields), request.getClientAddress().host,
+                                       _text(fields, "system", limit=200) or "",
+                                       _integer(fields, "port", low=0, high=65535) or 0, _figures(fields))
+        await self.workers.saved(worker)
         request.setResponseCode(204)
         return b""
 
@@ -172,7 +173,7 @@ class FlamencoAPI:
         })
 
     @app.route("/workers/<worker_id>", methods=["PATCH"])
-    def update_worker(self, request: Any, worker_id: str) -> bytes:
+    async def update_worker(self, request: Any, worker_id: str) -> bytes:
         worker = self.workers.by_id(_id(worker_id, "worker"))
         fields = request_fields(request)
         status = _text(fields, "status", limit=32)
@@ -189,6 +190,7 @@ class FlamencoAPI:
         worker.activity = activity if activity is not None else worker.activity
         worker.log = log_text[-4096:] if log_text is not None else worker.log
         worker.time_cost = time_cost if time_cost is not None else worker.time_cost
+        await self.workers.saved(worker)
         return json_response(request, {"task_id": self.flamenco.current_task(worker.name)})
 
     # -- tasks ---------------------------------------------------------------------------------

@@ -7,14 +7,15 @@ these routes only; the client token grants them too. See wmgr/workers/registry.p
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Optional
 
 from klein import Klein
 
 from wmgr.api.common import install_error_handlers, json_response, read_json
 from wmgr.errors import InvalidRequest
-from wmgr.jobs import model
 from wmgr.workers.registry import Workers
+from wmgr.workers.turns import Turns
 
 MAX_NAME = 200
 MAX_ITEMS = 100_000
@@ -46,7 +47,7 @@ def _keys(value: Any, what: str) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_ITEMS:
         raise InvalidRequest(f"{what} must be a list of job keys")
     for key in value:
-        if not isinstance(key, str) or not model.is_key(key):
+        if not _is_key(key):
             raise InvalidRequest(f"{what}: {key!r} is not a job key")
     return value
 
@@ -58,11 +59,25 @@ def _object(request: Any) -> dict[str, Any]:
     return body
 
 
+# model.is_key's test, as one regex: a report batch checks two keys per job it ran.
+_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def _is_key(value: Any) -> bool:
+    return isinstance(value, str) and _KEY.fullmatch(value) is not None
+
+
 def _lease(item: Any) -> tuple[str, int]:
-    if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not model.is_key(item[0])
+    if (not isinstance(item, list) or len(item) != 2 or not _is_key(item[0])
             or isinstance(item[1], bool) or not isinstance(item[1], int) or item[1] < 1):
         raise InvalidRequest("jobs must be a list of [job key, attempt] pairs")
     return item[0], item[1]
+
+
+def _leases(items: Any) -> list[tuple[str, int]]:
+    if not isinstance(items, list) or len(items) > MAX_ITEMS:
+        raise InvalidRequest("jobs must be a list of [job key, attempt] pairs")
+    return [_lease(item) for item in items]
 
 
 _OPTIONAL_NUMBERS = ("exitcode", "signal", "pid", "started", "ended", "cpu_time", "peak_ram")
@@ -94,8 +109,10 @@ class WorkersAPI:
     app = Klein()
     install_error_handlers(app)
 
-    def __init__(self, workers: Workers) -> None:
+    def __init__(self, workers: Workers, turns: Optional[Turns] = None) -> None:
         self.workers = workers
+        # Pulls and reports wait for turns of their own; heartbeats are answered at once.
+        self.turns = turns
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -104,12 +121,13 @@ class WorkersAPI:
         return _worker_name(body), _text(body, "session", 64)
 
     @app.route("/worker/v1/register", methods=["POST"])
-    def register(self, request: Any) -> bytes:
+    async def register(self, request: Any) -> bytes:
         body = _object(request)
         name = _worker_name(body)
         ip = _text(body, "ip", 64, required=False) or request.getClientAddress().host
         worker = self.workers.register(name, ip, _number(body, "cores"), int(_number(body, "memory")),
-                                       _text(body, "system", 64, required=False))
+                                       _text(body, "system", 64, required=False), _leases(body.get("jobs", [])))
+        await self.workers.saved(worker)
         return json_response(request, {"session": worker.session, "heartbeat": self.workers.heartbeat,
                                        "timeout": self.workers.timeout})
 
@@ -129,26 +147,26 @@ class WorkersAPI:
                                                         figures, output))
 
     @app.route("/worker/v1/pull", methods=["POST"])
-    def pull(self, request: Any) -> bytes:
+    async def pull(self, request: Any) -> bytes:
         body = _object(request)
         name, session = self._session(body)
         most = int(_number(body, "most", 0, MAX_ITEMS)) if "most" in body else 0
         time_left = _number(body, "time_left") if body.get("time_left") is not None else None
-        jobs = self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
-                                 int(_number(body, "slots", 0, MAX_ITEMS)), most, time_left)
+        turn = self.turns.turn if self.turns is not None else None
+        if turn is not None:
+            await turn()
+        jobs = await self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
+                                       int(_number(body, "slots", 0, MAX_ITEMS)), most, turn, time_left)
         return json_response(request, {"jobs": jobs})
 
     @app.route("/worker/v1/may-run", methods=["POST"])
     def may_run(self, request: Any) -> bytes:
         body = _object(request)
         name, session = self._session(body)
-        items = body.get("jobs")
-        if not isinstance(items, list) or len(items) > MAX_ITEMS:
-            raise InvalidRequest("jobs must be a list of [job key, attempt] pairs")
-        return json_response(request, self.workers.may_run(name, session, [_lease(item) for item in items]))
+        return json_response(request, self.workers.may_run(name, session, _leases(body.get("jobs"))))
 
     @app.route("/worker/v1/reports", methods=["POST"])
-    def reports(self, request: Any) -> bytes:
+    async def reports(self, request: Any) -> bytes:
         # Reports count by the lease they name, so a worker that registered again since still
         # delivers what it kept: no session needed.
         body = _object(request)
@@ -157,13 +175,23 @@ class WorkersAPI:
         if not isinstance(items, list) or len(items) > MAX_ITEMS:
             raise InvalidRequest("reports must be a list")
         reports = [_report(item) for item in items]
-        self.workers.report(name, reports)
+        if self.turns is None:
+            await self.workers.report(name, reports)
+        else:
+            stored = []
+            for start in range(0, len(reports), self.turns.slice_size):
+                await self.turns.turn()
+                stored.append(self.workers.report(name, reports[start:start + self.turns.slice_size]))
+            for d in stored:  # committed in order: the last is the one that waits
+                await d
         return json_response(request, {"accepted": len(reports)})
 
     @app.route("/worker/v1/leave", methods=["POST"])
-    def leave(self, request: Any) -> bytes:
+    async def leave(self, request: Any) -> bytes:
         body = _object(request)
-        self.workers.leave(*self._session(body))
+        name, session = self._session(body)
+        self.workers.leave(name, session)
+        await self.workers.saved_name(name)
         return json_response(request, {"left": True})
 
 
@@ -188,9 +216,11 @@ _ROOM = {"type": "number", "minimum": 0}
 _OBJ = {"type": "object"}
 WORKER_PATHS: dict[str, Any] = {
     "/worker/v1/register": _op(
-        "a worker joins: name, ip, cores, memory, system; answers its session",
+        "a worker joins: name, ip, cores, memory, system, and the jobs it still runs as [key, attempt] pairs "
+        "(those it holds the lease of carry over); answers its session",
         _body(("name", "cores", "memory"), name=_NAME, ip={"type": "string", "maxLength": 64}, cores=_ROOM,
-              memory=_ROOM, system={"type": "string", "maxLength": 64}),
+              memory=_ROOM, system={"type": "string", "maxLength": 64},
+              jobs={"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2}}),
         {"type": "object", "properties": {"session": {"type": "string"}, "heartbeat": {"type": "number"},
                                           "timeout": {"type": "number"}}}),
     "/worker/v1/heartbeat": _op(

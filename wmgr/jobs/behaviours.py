@@ -46,6 +46,16 @@ def behaviours_for(spec: dict[str, Any], succeeded: bool) -> list[dict[str, Any]
     return list(first) + list(spec.get("on_exit") or [])
 
 
+def has_behaviours(spec: dict[str, Any]) -> bool:
+    return bool(spec.get("on_success") or spec.get("on_failure") or spec.get("on_exit"))
+
+
+def asks_removal(behaviours: list[dict[str, Any]]) -> bool:
+    """Whether these behaviours include {"remove": true}: the queue's to carry out, wherever the
+    job ran."""
+    return any(behaviour.get("remove") for behaviour in behaviours)
+
+
 async def run_behaviours(reactor: Any, behaviours: list[dict[str, Any]], cwd: Optional[str],
                          env: dict[str, str], work_root: Optional[str], stop_at: Optional[str]) -> BehaviourOutcome:
     """Carry out the behaviours in order. `work_root` is the unique directory wmgr made (None when

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from wmgr.errors import Conflict, InvalidRequest
 from wmgr.host import host_identity
 from wmgr.jobs import model, reads, recovery
-from wmgr.jobs.behaviours import behaviours_for, run_behaviours
+from wmgr.jobs.behaviours import asks_removal, behaviours_for, has_behaviours, run_behaviours
 from wmgr.jobs.deps import DependencyIndex
 from wmgr.jobs.journal import Journal, dumps, row_to_job
 from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
@@ -564,7 +564,7 @@ class JobQueue(RemoteRuns, Service):
             max_time = _limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
         run = JobRun(self._reactor, RunFiles(self.run_dir, job.key, job.attempts + 1), workspace, job.spec["cmd"],
                      output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
-                     spawn=self._spawn, max_time=max_time, remove_workdir=not _has_behaviours(job.spec))
+                     spawn=self._spawn, max_time=max_time, remove_workdir=not has_behaviours(job.spec))
         try:
             run.start()
         except (OSError, ValueError) as e:  # E2BIG, a NUL byte or lone surrogate in env or cmd...
@@ -611,6 +611,9 @@ class JobQueue(RemoteRuns, Service):
         job on the reactor."""
         succeeded = result.exitcode == 0 and not result.kill_reason and not result.lost
         behaviours = behaviours_for(job.spec, succeeded)
+        if getattr(run, "remote", False):
+            # Its worker ran the behaviours where the job ran; leaving the queue is ours to do.
+            return self._end(result, job, run, behaviours, asks_removal(behaviours))
         if behaviours and run.workspace is not None:
             return ensureDeferred(self._behave_then_end(result, job, run, behaviours))
         return self._end(result, job, run, behaviours, False)
@@ -754,7 +757,11 @@ class JobQueue(RemoteRuns, Service):
     async def _recover(self) -> None:
         """Settle every job an earlier daemon may have started (see recovery.py): mark lost the
         ones that never ran, adopt the ones still running, record the end of the others."""
-        settlement = await recovery.survey(self.run_dir, self.live, self._reactor, self._in_thread)
+        # Jobs a worker runs (HostID: the worker's registration) left no files here.
+        remote = {key: job for key, job in self.live.items() if job.state in model.ACTIVE_STATES and job.host_id}
+        local = {key: job for key, job in self.live.items() if key not in remote} if remote else self.live
+        settlement = await recovery.survey(self.run_dir, local, self._reactor, self._in_thread)
+        self._take_back_remote(remote.values())
         for job in settlement.lost:
             job.state, job.fail_reason = model.LOST, model.FAIL_LOST
             self.counters.failed += 1
@@ -783,10 +790,6 @@ def _limit_of(requested: float, expected: float) -> float:
     """Limits are enforced at the larger of what was asked for and what is expected: learning may
     lower what the scheduler reserves, but never stops a job below what its owner asked for."""
     return max(requested, expected)
-
-
-def _has_behaviours(spec: dict[str, Any]) -> bool:
-    return bool(spec.get("on_success") or spec.get("on_failure") or spec.get("on_exit"))
 
 
 def _is_ready(job: Job) -> bool:

@@ -5,11 +5,16 @@ Where a job runs is one small interface: the queue's own runs start local proces
 follows exactly as a local one (its `done` fires with a RunResult; `kill` asks for it to be
 stopped). Only one run of a job exists at a time, in `JobQueue.runs`, so nothing runs twice at
 once.
+
+A job handed out is stored with its worker (Host, HostID) and attempt before the worker is told:
+after a restart the queue's recovery gives it back to the worker registry (`remote_recovery`),
+which puts it under a fresh lease awaiting that worker, instead of surveying this host's run
+files for it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from wmgr.jobs import model
 from wmgr.jobs.model import Job
@@ -21,6 +26,10 @@ if TYPE_CHECKING:
 
 class RemoteRuns:
     """JobQueue's methods for runs on workers (a mixin: the state they touch is the queue's)."""
+
+    # Set by the worker registry: a fresh lease (a Run) for a job a worker ran when an earlier
+    # daemon stopped. Without one such jobs are lost.
+    remote_recovery: Optional[Callable[[Job], Any]] = None
 
     def hand_out(self: "JobQueue", capacity: Capacity, remote_run: Callable[[Job], Any], most: int = 0,
                  time_left: Optional[float] = None) -> list[Job]:
@@ -52,14 +61,40 @@ class RemoteRuns:
             if most and len(jobs) >= most:
                 break
         if jobs:
-            self._save(jobs)
+            self.journal.mark(jobs)
         return jobs
+
+    def handed_out(self: "JobQueue", jobs: list[Job]) -> Any:
+        """A Deferred that fires once the jobs' hand-out is committed: a worker is told of a job
+        only then, so that a manager restart finds it (its worker, its attempt) and never gives
+        it to another while it runs. Fails if the write did."""
+        return self.committed()
+
+    def _take_back_remote(self: "JobQueue", jobs: Iterable[Job]) -> None:
+        """Jobs an earlier daemon gave to workers, stored as running: each under a fresh lease on
+        its worker (see `remote_recovery`), or lost."""
+        for job in jobs:
+            run = self.remote_recovery(job) if self.remote_recovery is not None else None
+            if run is None:
+                job.state, job.fail_reason = model.LOST, model.FAIL_LOST
+                self.counters.failed += 1
+                self._save([job])
+                continue
+            self._cancel_delay(job)
+            self.limits.take(job.spec.get("limit_grps") or ())
+            self.runs[job.key] = run
+            self._follow(job, run)
+
+    def committed(self: "JobQueue") -> Any:
+        """A Deferred that fires once every change made so far is committed (writes are
+        committed in order); fails if the write did."""
+        return self._save([], strict=True)
 
     def remote_started(self: "JobQueue", job: Job, run: Any, pid: int, started: float) -> None:
         """A worker reports that it started a job it was given."""
         if self.runs.get(job.key) is run and job.state in model.ACTIVE_STATES:
             job.pid, job.started, job.state = pid, started, model.RUNNING
-            self._save([job])
+            self.journal.mark([job])
 
 
 def _is_ready(job: Job) -> bool:

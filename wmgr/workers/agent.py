@@ -29,6 +29,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from wmgr.jobs import model
+from wmgr.jobs.behaviours import behaviours_for, has_behaviours, run_behaviours
 from wmgr.jobs.runner import JobRun, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp, remove_workdir
 from wmgr.jobs.scheduler import Capacity
 from wmgr.workers.outbox import Outbox
@@ -79,6 +80,11 @@ def new_output(files: list[tuple[str, str, int]]) -> dict[str, tuple[str, int]]:
 
 class Unreachable(Exception):
     """The manager did not answer (or answered with a server error)."""
+
+
+class SessionLost(Unreachable):
+    """The manager does not know this worker's session (it restarted, or the name registered
+    again elsewhere): register again."""
 
 
 class Slot:
@@ -224,7 +230,14 @@ class WorkerAgent(Service):
             await self._send_reports()
             if self.session is None:
                 await self._register()
-            await self._beat()
+            try:
+                await self._beat()
+            except SessionLost:
+                # At once, not after a back-off: the manager answers, it just forgot us (a
+                # restart). Registering names the jobs we run; their leases carry over.
+                log.info("the manager does not know this worker's session: registering again")
+                await self._register()
+                await self._beat()
             if not self.reachable:
                 self.reachable = True
                 self.backoff = 0.0
@@ -251,7 +264,7 @@ class WorkerAgent(Service):
             raise Unreachable(f"{type(e).__name__}: {e}") from None
         if reply.code == 409 and session:
             self.session = None  # the manager forgot us (restarted) or gave our name a new session
-            raise Unreachable("the manager asks this worker to register again")
+            raise SessionLost("the manager asks this worker to register again")
         if reply.code >= 500 or reply.code in (401, 403):
             raise Unreachable(f"{route}: {reply.code} {reply.text[:200]}")
         if reply.code >= 400:
@@ -262,6 +275,8 @@ class WorkerAgent(Service):
         answer = await self._post("register", {
             "name": self.worker_name, "ip": self.host_ip, "cores": self.capacity.cores,
             "memory": self.capacity.memory, "system": platform.system(),
+            # What it still runs (after a manager restart, say): those leases carry over.
+            "jobs": [[key, slot.attempt] for key, slot in self.slots.items()],
         }, session=False)
         self.session = answer["session"]
         self.manager_timeout = float(answer.get("timeout", self.manager_timeout))
@@ -364,7 +379,7 @@ class WorkerAgent(Service):
             workspace = prepare_workspace(slot.key, slot.spec, make=not self._makes_workspace)
             run = JobRun(self._reactor, RunFiles(self.run_dir, slot.key, slot.attempt), workspace, slot.spec["cmd"],
                          output_limit=self.output_limit, kill_grace=self.kill_grace, spawn=self._spawn,
-                         max_time=slot.max_time, remove_workdir=True)
+                         max_time=slot.max_time, remove_workdir=not has_behaviours(slot.spec))
             run.start()
         except (OSError, ValueError) as e:
             self._release(slot)
@@ -382,14 +397,29 @@ class WorkerAgent(Service):
         run.done.addErrback(lambda f: log.failure("the end of pulled job {key} was not reported", f, key=slot.key))
 
     async def _ended(self, slot: Slot, result: RunResult) -> None:
+        """The job's command has exited: its behaviours run here, where it ran (as wr's runners
+        do), before its slot is free and its end reported. A run stopped because the job is no
+        longer this worker's has no outcome of its own: no behaviours, its directory goes."""
+        run = slot.run
+        workspace = run.workspace if run is not None else None
+        ours = result.kill_reason not in (STOPPED, FENCED)
+        succeeded = result.exitcode == 0 and not result.kill_reason and not result.lost
+        behaviours = behaviours_for(slot.spec, succeeded) if ours else []
+        if behaviours and workspace is not None:
+            root = os.path.dirname(workspace.cwd) if workspace.tmp else None
+            try:
+                await run_behaviours(self._reactor, behaviours, workspace.cwd, workspace.env, root, workspace.base)
+            except Exception:
+                log.failure("the behaviours of pulled job {key} failed", key=slot.key)
         self._release(slot)
         self.stopping.discard(slot.key)
-        run = slot.run
-        if run is not None and run.workspace is not None and run.workspace.tmp:
-            if run.workspace.root is None:
-                remove_tmp(run.workspace.tmp)
+        if run is not None and workspace is not None and workspace.tmp:
+            # As the queue does for its own jobs: behaviours decide what becomes of the directory
+            # (cleanup removes it, {"nothing": true} keeps it); without any it goes.
+            if behaviours or workspace.root is None:
+                remove_tmp(workspace.tmp)
             elif not run.workdir_removed:
-                remove_workdir(run.workspace.root)
+                remove_workdir(workspace.root)
         self._report(slot, "end", {
             "exitcode": result.exitcode, "signal": result.signal, "started": result.started, "ended": result.ended,
             "cpu_time": result.cpu_time, "peak_ram": max(result.peak_ram, run.peak_ram if run else 0),
