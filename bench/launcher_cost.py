@@ -32,21 +32,17 @@ from wmgr.jobs.runner import JobRun, RunFiles, prepare_workspace  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu(pid: int, children: bool = False) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    first = 13 if children else 11
-    return (int(fields[first]) + int(fields[first + 1])) / TICK
-
-
-def launchers_cpu(pool: LauncherPool) -> tuple[float, float]:
-    """(the launchers' own CPU, their reaped children's: the jobs') in seconds."""
-    own = jobs = 0.0
+def launchers_cpu(pool: LauncherPool) -> tuple[float, float, float]:
+    """(the launchers' own CPU, of which in the kernel, their reaped children's: the jobs') in seconds."""
+    own = system = jobs = 0.0
     for launcher in pool.launchers:
         pid = launcher._protocol.transport.pid
-        own += _cpu(pid)
-        jobs += _cpu(pid, children=True)
-    return own, jobs
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        own += (int(fields[11]) + int(fields[12])) / TICK
+        system += int(fields[12]) / TICK
+        jobs += (int(fields[13]) + int(fields[14])) / TICK
+    return own, system, jobs
 
 
 async def main(reactor, opts) -> int:
@@ -81,7 +77,7 @@ async def main(reactor, opts) -> int:
             finished.callback(None)
 
     main_before = time.thread_time()
-    own_before, jobs_before = launchers_cpu(pool)
+    own_before, system_before, jobs_before = launchers_cpu(pool)
     started = time.perf_counter()
     for _ in range(min(opts.slots, opts.jobs)):
         start_one()
@@ -89,13 +85,14 @@ async def main(reactor, opts) -> int:
     elapsed = time.perf_counter() - started
     await deferLater(reactor, 1.0)  # the last removals, and the spares of idle launchers
     main_cpu = time.thread_time() - main_before
-    own, jobs = launchers_cpu(pool)
-    own, jobs = own - own_before, jobs - jobs_before
+    own, system, jobs = launchers_cpu(pool)
+    own, system, jobs = own - own_before, system - system_before, jobs - jobs_before
     pool.stop()
     n = opts.jobs
     print(f"{n:,} jobs in {elapsed:.2f} s ({n / elapsed:,.0f} jobs/s; {counts['failed']} failed), "
           f"{opts.slots} slots, {opts.launchers} launchers; load average {os.getloadavg()[0]:.1f}")
-    print(f"CPU per job (ms): reactor side {main_cpu / n * 1000:.3f}, launchers {own / n * 1000:.3f}, "
+    print(f"CPU per job (ms): reactor side {main_cpu / n * 1000:.3f}, launchers {own / n * 1000:.3f} "
+          f"(of which in the kernel {system / n * 1000:.3f}), "
           f"jobs' sh {jobs / n * 1000:.3f}; together {(main_cpu + own + jobs) / n * 1000:.3f}")
     leftovers = [p for p in tmp.rglob("*") if p.is_file()]
     print(f"files left: {len(leftovers)}; run dir entries: {len(os.listdir(run_dir))}")

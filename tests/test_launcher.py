@@ -206,3 +206,21 @@ async def test_a_directory_something_still_runs_in_is_removed_not_reused(
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError, FileNotFoundError):
             pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_an_earlier_run_left_in_the_run_files_is_not_this_ones(
+        launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
+    """The launcher's children open their stdout and stderr without truncating them: what an
+    earlier run (of a daemon since killed) left there must go first, spare or no spare."""
+    request = job_request(tmp_path, "one")
+    for path in request["stdio"][1:]:
+        Path(path).write_text("old output of an earlier run\n")
+    out, _ = await run_job(launcher, reactor, tmp_path, "one", "echo new")
+    assert out == "new\n" and Path(request["stdio"][2]).read_text() == ""
+    # And once a spare is there (the files just removed), with longer old output again.
+    request = job_request(tmp_path, "two")
+    for path in request["stdio"][1:]:
+        Path(path).write_text("old output of an earlier run, longer than the new\n")
+    out, _ = await run_job(launcher, reactor, tmp_path, "two", "echo new")
+    assert out == "new\n" and Path(request["stdio"][2]).read_text() == ""

@@ -59,13 +59,15 @@ _OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 IDLE_SECONDS = 0.5
 
 
-def stdio_actions(stdin: str, stdout: str, stderr: str) -> list[tuple[Any, ...]]:
+def stdio_actions(stdin: str, stdout: str, stderr: str, truncate: bool = True) -> list[tuple[Any, ...]]:
     """posix_spawn file actions that open a job's stdio in the child itself: so a run's files
-    exist only if its process did start, which recovery relies on."""
+    exist only if its process did start, which recovery relies on. truncate=False: the caller
+    has made sure stdout and stderr are empty or absent (see the launcher's handle)."""
+    flags = _OPEN_OUT if truncate else _OPEN_OUT & ~os.O_TRUNC
     return [
         (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
-        (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
+        (os.POSIX_SPAWN_OPEN, 1, stdout, flags, 0o600),
+        (os.POSIX_SPAWN_OPEN, 2, stderr, flags, 0o600),
     ]
 
 
@@ -232,6 +234,7 @@ def main() -> None:
             env = request["env"] if request["env"] is not None else base_env.copy()
             env.update(request["extra"])
             stdin, stdout, stderr = request["stdio"]
+            truncate = True
             make = request.get("make")
             if make:
                 make_job_dirs(*make, spare=spare_dirs.take(make[0]))
@@ -241,12 +244,19 @@ def main() -> None:
                     os.unlink(request["fresh"])
                 except FileNotFoundError:
                     pass
-                # Run files: the child opens them with O_TRUNC; a spare there saves an inode.
-                spare_files.place(stdout)
-                spare_files.place(stderr)
+                # A spare (empty) there saves an inode; else what an earlier run left goes. Either
+                # way the child need not truncate: on ext4 a truncate marks the file to be written
+                # out when it is closed (auto_da_alloc), a block allocation and a write per job.
+                for path in (stdout, stderr):
+                    if not spare_files.place(path):
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            pass
+                truncate = False
             pid = os.posix_spawn(
                 request["argv"][0], request["argv"], env,
-                file_actions=stdio_actions(stdin, stdout, stderr),
+                file_actions=stdio_actions(stdin, stdout, stderr, truncate),
                 setsid=True, setsigdef=ignored,
             )
         except Exception as e:

@@ -103,7 +103,7 @@ class SpareDirs:
 
 class SpareFiles:
     """Finished runs' files (emptied), by directory: the next runs' stdout and stderr are renamed
-    from them, so the child's open(O_CREAT | O_TRUNC) finds a file and makes no inode."""
+    from them, so the child's open(O_CREAT) finds a file and makes no inode."""
 
     def __init__(self, limit: int = FILE_LIMIT) -> None:
         self._spares: dict[str, list[str]] = {}
@@ -111,15 +111,17 @@ class SpareFiles:
         self._prefix = f".wmgr-spare.{os.getpid()}."
         self._limit = limit
 
-    def place(self, path: str) -> None:
-        """Put a spare of path's directory at `path`, if there is one (it replaces what is there)."""
+    def place(self, path: str) -> bool:
+        """Put an (empty) spare of path's directory at `path`, replacing what is there; False:
+        there was none."""
         pool = self._spares.get(os.path.dirname(path))
         while pool:
             try:
                 os.rename(pool.pop(), path)
-                return
+                return True
             except OSError:
                 continue  # a spare removed by someone else: try the next
+        return False
 
     def remove(self, paths: list[str]) -> list[tuple[str, OSError]]:
         """Remove these run files, keeping as spares those nothing else can reach; the errors of
