@@ -224,3 +224,22 @@ async def test_what_an_earlier_run_left_in_the_run_files_is_not_this_ones(
         Path(path).write_text("old output of an earlier run, longer than the new\n")
     out, _ = await run_job(launcher, reactor, tmp_path, "two", "echo new")
     assert out == "new\n" and Path(request["stdio"][2]).read_text() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_launcher_going_idle_between_starts_never_stalls(
+        reactor: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A launcher clears its spares each time nothing has run for a moment; made idle after every
+    job here (a moment of 1 ms), it must still start and report every job (the clearing once
+    took its two locks in the order opposite to a start's, and the launcher stood still)."""
+    monkeypatch.setenv("WMGR_LAUNCHER_IDLE_SECONDS", "0.001")
+    launcher = Launcher(reactor)
+    launcher.start()
+    try:
+        for round_ in range(40):
+            batch = [spawn(launcher, reactor, tmp_path, "true", None, f"r{round_}j{i}") for i in range(4)]
+            for recorder in batch:
+                events = await recorder.finished.addTimeout(10, reactor)
+                assert events[-1] == ("ended", 0), events
+    finally:
+        launcher.stop()

@@ -55,8 +55,8 @@ log = Logger()
 
 _OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 # After this long with nothing running, a launcher removes the directories and files it kept for
-# the next jobs (wmgr.jobs.spares).
-IDLE_SECONDS = 0.5
+# the next jobs (wmgr.jobs.spares). The variable is for tests, which make a launcher idle often.
+IDLE_SECONDS = float(os.environ.get("WMGR_LAUNCHER_IDLE_SECONDS", "0.5"))
 
 
 def stdio_actions(stdin: str, stdout: str, stderr: str, truncate: bool = True) -> list[tuple[Any, ...]]:
@@ -173,13 +173,17 @@ def main() -> None:
     def reap() -> None:
         while True:
             with children:
-                while running[0] == 0:
-                    if not children.wait(IDLE_SECONDS) and running[0] == 0:
-                        # Nothing has run for a while: what was kept for the next jobs goes (they
-                        # may be long in coming, and spares left behind would puzzle a reader).
-                        with lock:
-                            spare_dirs.clear()
-                            spare_files.clear()
+                while running[0] == 0 and children.wait(IDLE_SECONDS):
+                    pass
+                idle = running[0] == 0
+            if idle:
+                # Nothing has run for a while: what was kept for the next jobs goes (they may be
+                # long in coming, and spares left behind would puzzle a reader). `lock` is taken
+                # only once `children` is let go: the spawns take them in the other order.
+                with lock:
+                    spare_dirs.clear()
+                    spare_files.clear()
+                continue
             try:
                 ended = [os.wait4(-1, 0)]
             except ChildProcessError:
