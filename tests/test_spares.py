@@ -137,3 +137,17 @@ def test_no_spare_outside_its_own_directory(tmp_path: Path) -> None:
     spares.remove([str(tmp_path / "a" / "k.1.out")])
     spares.place(str(tmp_path / "b" / "k.1.out"))
     assert os.listdir(tmp_path / "b") == []
+
+
+def test_recovery_takes_no_spare_for_a_run(tmp_path: Path) -> None:
+    """Spares live in the run directory while a launcher runs: recovery's scan must not see
+    them as the files of some job's run."""
+    from wmgr.jobs.runner import run_files_in
+
+    spares = SpareFiles()
+    for ext in ("out", "err", "rc"):
+        (tmp_path / f"k.1.{ext}").write_text("")
+    spares.remove([str(tmp_path / f"k.1.{ext}") for ext in ("out", "err", "rc")])
+    (tmp_path / "j.2.out").write_text("")
+    assert len(list(tmp_path.iterdir())) == 4
+    assert run_files_in(tmp_path) == {"j": [2]}
