@@ -24,6 +24,7 @@ Targets: >= 1,000 jobs/s and >= 40 % of the spawn rate (issue 8; issue 3 asked f
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Http, arguments, daemon, machine, run_main, spawn_rate, thread_cpu  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def launcher_cpu(daemon_pid: int) -> dict[str, float]:
+    """CPU seconds of the daemon's launcher processes (its children): their own (`launchers`)
+    and that of the jobs they have reaped (`jobs`: each job's `sh`, counted once waited for)."""
+    result = {"launchers": 0.0, "jobs": 0.0, "count": 0}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fields = _stat(int(name))
+        except OSError:
+            continue
+        if int(fields[1]) != daemon_pid:
+            continue
+        result["launchers"] += (int(fields[11]) + int(fields[12])) / TICK
+        result["jobs"] += (int(fields[13]) + int(fields[14])) / TICK
+        result["count"] += 1
+    return result
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all processes, everyone's), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / TICK
 
 TARGET_RATE = 1000.0
 TARGET_RATIO = 0.40
@@ -53,6 +88,8 @@ async def main(reactor, opts) -> int:
         body = json.dumps([{"cmd": f"true #{i}"} for i in range(n)]).encode()
         params = {"rep_grp": "bench", "cwd": str(workdir)}
         cpu_before = thread_cpu(d.process.pid)
+        launchers_before = launcher_cpu(d.process.pid)
+        busy_before = machine_busy()
         started = time.perf_counter()
         status, data, first, whole = http.request("POST", "/rest/v1/jobs/", body=body, params=params)
         if status != 201:
@@ -72,6 +109,8 @@ async def main(reactor, opts) -> int:
             time.sleep(0.1)
         elapsed = time.perf_counter() - started
         cpu = {k: v - cpu_before[k] for k, v in thread_cpu(d.process.pid).items()}
+        launched = {k: v - launchers_before[k] for k, v in launcher_cpu(d.process.pid).items()}
+        busy = machine_busy() - busy_before
         for _ in range(20):  # a job just completed may be counted twice for a moment: look again
             groups = http.json("GET", "/rest/v1/jobs/bench", params={"limit": "1"})
             states = {g["State"]: 1 + g["Similar"] for g in groups}
@@ -88,6 +127,12 @@ async def main(reactor, opts) -> int:
     print(f"jobs: {n:,} in {elapsed:.2f} s (POST answered in {added:.2f} s; {polls} polls); states: {states}")
     print(f"daemon CPU during the run: reactor thread {cpu['main']:.1f} s ({cpu['main'] / elapsed:.0%} of the "
           f"wall time), other threads {cpu['threads']:.1f} s, jobs (reaped children) {cpu['children']:.1f} s")
+    per_job = {"reactor": cpu["main"], "daemon's other threads": cpu["threads"],
+               "launchers": launched["launchers"], "jobs' own sh": launched["jobs"]}
+    ours = sum(per_job.values())
+    print("CPU per job (ms): " + ", ".join(f"{name} {v / n * 1000:.3f}" for name, v in per_job.items())
+          + f"; together {ours / n * 1000:.3f}; the whole machine (everyone) {busy / n * 1000:.3f} "
+          f"({busy / elapsed / (os.cpu_count() or 1):.0%} busy)")
     print(f"reactor CPU per job: {cpu['main'] / n * 1000:.3f} ms (target <= 0.3 ms; process CPU time of the "
           f"daemon's reactor thread over the run, divided by the jobs)")
     print(f"RESULT jobs_throughput: {rate:,.0f} jobs/s; spawn baseline {baseline:,.0f}/s; "

@@ -135,3 +135,111 @@ async def test_tied_jobs_die_with_the_daemon_and_the_others_carry_on(reactor: An
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def job_request(tmp_path: Path, name: str) -> dict[str, Any]:
+    """A job's directories and run files, as JobRun asks the launcher for them."""
+    base = tmp_path / "wr_cwd"
+    base.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "run").mkdir(exist_ok=True)
+    root = base / "a" / "b" / "c" / name
+    run = tmp_path / "run" / name
+    return {"make": (str(base), str(root.parent), str(root), str(root / "cwd"), str(root / "tmp")),
+            "remove": str(root), "fresh": f"{run}.rc", "read": 4096,
+            "stdio": ("/dev/null", f"{run}.out", f"{run}.err")}
+
+
+async def run_job(launcher: Launcher, reactor: Any, tmp_path: Path, name: str, cmd: str) -> tuple[str, Any]:
+    """Run `cmd` in its own job directory; its stdout once it has ended, and its request."""
+    request = job_request(tmp_path, name)
+    recorder = Recorder()
+    process = launcher.spawn(reactor, recorder, "/bin/sh", ["/bin/sh", "-c", f"cd {request['make'][3]} && {cmd}"],
+                             None, {}, request["stdio"], remove=request["remove"], make=request["make"],
+                             fresh=request["fresh"], read=request["read"])
+    events = await recorder.finished.addTimeout(10, reactor)
+    assert events[-1] == ("ended", 0), events
+    root = Path(request["remove"])
+
+    async def removed() -> bool:
+        return not root.exists()
+
+    await until(reactor, removed, timeout=10)
+    launcher.remove_later(request["stdio"][1:] + (request["fresh"],))
+    return process.outputs[0], request
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_jobs_directory_and_files_serve_the_next_job(
+        launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
+    """Reused, not made again (wmgr.jobs.spares): the next job finds an empty cwd and tmp and
+    empty run files, with the inodes of the last job's; a moment after the last job they go."""
+    show = "stat -c %i . ../tmp; echo from $0 >&2"
+    first, _ = await run_job(launcher, reactor, tmp_path, "one", show)
+    second, request = await run_job(launcher, reactor, tmp_path, "two", show + "; find . ../tmp -mindepth 1 | wc -l")
+    assert second.split() == first.split() + ["0"]  # the same directories, empty
+    assert Path(request["stdio"][2]).read_text() == "from /bin/sh\n"  # its own stderr, nothing of the last
+
+    async def spares_gone() -> Any:
+        left = [p.name for p in tmp_path.rglob(".wmgr-spare*")]
+        return not left
+
+    await until(reactor, spares_gone, timeout=10)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    assert list((tmp_path / "wr_cwd" / "a" / "b" / "c").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_something_still_runs_in_is_removed_not_reused(
+        launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
+    """A job that leaves a process behind (in its process group) may still write into its
+    directory: the next job gets a new one."""
+    pidfile = tmp_path / "left.pid"
+    first, _ = await run_job(launcher, reactor, tmp_path, "one",
+                             f"stat -c %i .; sleep 30 > /dev/null 2>&1 & echo $! > {pidfile}")
+    try:
+        second, _ = await run_job(launcher, reactor, tmp_path, "two", "stat -c %i .")
+        assert second != first
+    finally:
+        import os
+        import signal
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_an_earlier_run_left_in_the_run_files_is_not_this_ones(
+        launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
+    """The launcher's children open their stdout and stderr without truncating them: what an
+    earlier run (of a daemon since killed) left there must go first, spare or no spare."""
+    request = job_request(tmp_path, "one")
+    for path in request["stdio"][1:]:
+        Path(path).write_text("old output of an earlier run\n")
+    out, _ = await run_job(launcher, reactor, tmp_path, "one", "echo new")
+    assert out == "new\n" and Path(request["stdio"][2]).read_text() == ""
+    # And once a spare is there (the files just removed), with longer old output again.
+    request = job_request(tmp_path, "two")
+    for path in request["stdio"][1:]:
+        Path(path).write_text("old output of an earlier run, longer than the new\n")
+    out, _ = await run_job(launcher, reactor, tmp_path, "two", "echo new")
+    assert out == "new\n" and Path(request["stdio"][2]).read_text() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_launcher_going_idle_between_starts_never_stalls(
+        reactor: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A launcher clears its spares each time nothing has run for a moment; made idle after every
+    job here (a moment of 1 ms), it must still start and report every job (the clearing once
+    took its two locks in the order opposite to a start's, and the launcher stood still)."""
+    monkeypatch.setenv("WMGR_LAUNCHER_IDLE_SECONDS", "0.001")
+    launcher = Launcher(reactor)
+    launcher.start()
+    try:
+        for round_ in range(40):
+            batch = [spawn(launcher, reactor, tmp_path, "true", None, f"r{round_}j{i}") for i in range(4)]
+            for recorder in batch:
+                events = await recorder.finished.addTimeout(10, reactor)
+                assert events[-1] == ("ended", 0), events
+    finally:
+        launcher.stop()

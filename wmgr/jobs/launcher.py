@@ -14,7 +14,10 @@ new launcher takes over new starts.
 It also does the per-job file work that needs nothing of the daemon's state, so that the
 reactor does not: it makes the job's directories, removes a status file left by an earlier
 attempt, reads the bounded output once the job has ended (sent with its end), and removes the
-job's directory, and later (once the daemon has committed the end) its run files.
+job's directory, and later (once the daemon has committed the end) its run files. What it would
+remove it keeps, emptied, for the next jobs when nothing can still reach it, and renames it into
+place instead of making new directories and files (wmgr.jobs.spares: on this machine's ext4 a new
+inode had come to cost more CPU than the job).
 
 Requests:  {"id": 7, "argv": [...], "env": {...} | null, "extra": {...}, "stdio": [in, out, err],
             "fresh": rc, "read": limit, "make": [...], "remove": dir}   ("fresh" and after optional)
@@ -46,26 +49,33 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wmgr import compactjson
+from wmgr.jobs.spares import SpareDirs, SpareFiles
 
 log = Logger()
 
 _OPEN_OUT = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+# After this long with nothing running, a launcher removes the directories and files it kept for
+# the next jobs (wmgr.jobs.spares). The variable is for tests, which make a launcher idle often.
+IDLE_SECONDS = float(os.environ.get("WMGR_LAUNCHER_IDLE_SECONDS", "0.5"))
 
 
-def stdio_actions(stdin: str, stdout: str, stderr: str) -> list[tuple[Any, ...]]:
+def stdio_actions(stdin: str, stdout: str, stderr: str, truncate: bool = True) -> list[tuple[Any, ...]]:
     """posix_spawn file actions that open a job's stdio in the child itself: so a run's files
-    exist only if its process did start, which recovery relies on."""
+    exist only if its process did start, which recovery relies on. truncate=False: the caller
+    has made sure stdout and stderr are empty or absent (see the launcher's handle)."""
+    flags = _OPEN_OUT if truncate else _OPEN_OUT & ~os.O_TRUNC
     return [
         (os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, stdout, _OPEN_OUT, 0o600),
-        (os.POSIX_SPAWN_OPEN, 2, stderr, _OPEN_OUT, 0o600),
+        (os.POSIX_SPAWN_OPEN, 1, stdout, flags, 0o600),
+        (os.POSIX_SPAWN_OPEN, 2, stderr, flags, 0o600),
     ]
 
 
-def make_job_dirs(base: str, parent: str, root: str, cwd: str, tmp: str) -> None:
+def make_job_dirs(base: str, parent: str, root: str, cwd: str, tmp: str, spare: Optional[str] = None) -> None:
     """Make a job's unique directories in the daemon user's own base (runner.work_base), which is
     checked again first: a base removed since (a /tmp cleaner) and made again by another user is
-    never written into."""
+    never written into. `spare`: a finished job's directory in `base`, emptied (spares.SpareDirs),
+    renamed into place instead of making three new ones."""
     try:
         info = os.lstat(base)
     except FileNotFoundError:  # removed since it was checked: made again, ours
@@ -76,10 +86,24 @@ def make_job_dirs(base: str, parent: str, root: str, cwd: str, tmp: str) -> None
         info = os.lstat(base)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise PermissionError(errno.EACCES, "the job directory base is not this user's own", base)
-    os.makedirs(parent, exist_ok=True)
-    os.mkdir(root)
+    if spare is not None:
+        try:
+            _making_parent(parent, os.rename, spare, root)
+            return
+        except OSError:
+            shutil.rmtree(spare, ignore_errors=True)
+    _making_parent(parent, os.mkdir, root)
     os.mkdir(cwd)
     os.mkdir(tmp)
+
+
+def _making_parent(parent: str, make: Any, *args: str) -> None:
+    """make(*args), making `parent` first if it is missing (it usually exists: one of 4,096)."""
+    try:
+        make(*args)
+    except FileNotFoundError:
+        os.makedirs(parent, exist_ok=True)
+        make(*args)
 
 
 def read_bounded(path: str, limit: int) -> str:
@@ -123,7 +147,10 @@ def main() -> None:
     lock = threading.Lock()
     children = threading.Condition()
     running = [0]
-    removals: dict[int, str] = {}  # pid -> the directory to remove once it has ended
+    # pid -> (the directory to remove once it has ended, and when the launcher made it: its
+    # (base, parent, root, cwd, tmp), so that it may be kept as a spare)
+    removals: dict[int, tuple[str, Optional[list[str]]]] = {}
+    spare_dirs, spare_files = SpareDirs(), SpareFiles()
     outputs: dict[int, tuple[str, str, int]] = {}  # pid -> (stdout, stderr, limit) to read at its end
     # Jobs that must not outlive the daemon (a worker's pulled jobs: once the worker is gone the
     # manager gives them to another, so one left running here would run twice at once).
@@ -146,8 +173,17 @@ def main() -> None:
     def reap() -> None:
         while True:
             with children:
-                while running[0] == 0:
-                    children.wait()
+                while running[0] == 0 and children.wait(IDLE_SECONDS):
+                    pass
+                idle = running[0] == 0
+            if idle:
+                # Nothing has run for a while: what was kept for the next jobs goes (they may be
+                # long in coming, and spares left behind would puzzle a reader). `lock` is taken
+                # only once `children` is let go: the spawns take them in the other order.
+                with lock:
+                    spare_dirs.clear()
+                    spare_files.clear()
+                continue
             try:
                 ended = [os.wait4(-1, 0)]
             except ChildProcessError:
@@ -185,31 +221,46 @@ def main() -> None:
                 flush()
             # After the end is reported, so that it is not held up (a job whose directory is to go
             # has no behaviours that could still need it, and a retry gets a new directory).
-            for directory, _ in found:
-                if directory is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
+            for (pid, _, _), (removal, _) in zip(ended, found):
+                if removal is not None:
+                    directory, made = removal
+                    if made is None or not _group_gone(pid) or not spare_dirs.keep(made[0], *made[2:]):
+                        shutil.rmtree(directory, ignore_errors=True)
 
     def handle(line: bytes) -> None:
         try:
             request = json.loads(line)
             if "unlink" in request:
                 # Run files whose end the daemon has committed (see Launcher.remove_later).
-                _unlink_all(request["unlink"])
+                for path, e in spare_files.remove(request["unlink"]):
+                    sys.stderr.write(f"could not remove {path}: {e}\n")
                 return
             env = request["env"] if request["env"] is not None else base_env.copy()
             env.update(request["extra"])
             stdin, stdout, stderr = request["stdio"]
-            if "make" in request:
-                make_job_dirs(*request["make"])
+            truncate = True
+            make = request.get("make")
+            if make:
+                make_job_dirs(*make, spare=spare_dirs.take(make[0]))
             if "fresh" in request:
                 # A status file left by an earlier run must not be taken for this one's.
                 try:
                     os.unlink(request["fresh"])
                 except FileNotFoundError:
                     pass
+                # A spare (empty) there saves an inode; else what an earlier run left goes. Either
+                # way the child need not truncate: on ext4 a truncate marks the file to be written
+                # out when it is closed (auto_da_alloc), a block allocation and a write per job.
+                for path in (stdout, stderr):
+                    if not spare_files.place(path):
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            pass
+                truncate = False
             pid = os.posix_spawn(
                 request["argv"][0], request["argv"], env,
-                file_actions=stdio_actions(stdin, stdout, stderr),
+                file_actions=stdio_actions(stdin, stdout, stderr, truncate),
                 setsid=True, setsigdef=ignored,
             )
         except Exception as e:
@@ -218,7 +269,7 @@ def main() -> None:
             emit({"id": _request_id(line), "error": _describe(e)})
             return
         if request.get("remove"):
-            removals[pid] = request["remove"]
+            removals[pid] = (request["remove"], make if make and make[2] == request["remove"] else None)
         if "read" in request:
             outputs[pid] = (stdout, stderr, request["read"])
         if request.get("tied"):
@@ -239,6 +290,8 @@ def main() -> None:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
+            spare_dirs.clear()
+            spare_files.clear()
 
 
 def serve(handle: Any, lock: Any, flush: Any) -> None:
@@ -263,6 +316,17 @@ def serve(handle: Any, lock: Any, flush: Any) -> None:
                 handle(line)
         with lock:
             flush()
+
+
+def _group_gone(pgid: int) -> bool:
+    """Whether no process is left in a job's process group (nothing it started still runs)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def _request_id(line: bytes) -> Optional[int]:
