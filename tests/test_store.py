@@ -275,3 +275,15 @@ async def test_the_store_is_a_service(tmp_path: Any, reactor: Any) -> None:
     await bounded(s.stopService())
     s._writer.join(WAIT)  # it fired the Deferred just before it returned
     assert not s.running and not s._writer.is_alive()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_operation_alone_in_its_batch_commits_or_leaves_nothing(store: Store, tmp_path: Any) -> None:
+    before = store.commits
+    assert await bounded(store.write(insert("alone"))) == "alone"
+    assert store.commits - before == 1
+    failed = store.write(insert("refused", fail=True))
+    assert await bounded(failed.addErrback(lambda f: f.trap(ValueError) and f.getErrorMessage())) == "refusing refused"
+    assert store.commits - before == 1
+    assert keys_on_disk(tmp_path / "wmgr.db") == {"alone"}  # its insert, before it raised, rolled back
+    assert await bounded(store.write(insert("after"))) == "after"

@@ -1,8 +1,8 @@
 """The one SQLite store.
 
 Every write goes through one writer thread, which takes whatever operations are waiting, runs each
-inside its own savepoint (so one failing operation leaves the others intact) and commits them all
-in one transaction. The Deferred of each operation fires on the reactor thread only after that
+inside its own savepoint (so one failing operation leaves the others intact; an operation alone
+in its batch has the transaction for that) and commits them all in one transaction. The Deferred of each operation fires on the reactor thread only after that
 commit, so a caller that answers a client after awaiting it has made the change durable first.
 Reads run on a small pool of reader connections; WAL mode lets them proceed while the writer
 commits. Nothing here ever touches SQLite from the reactor thread.
@@ -240,17 +240,32 @@ class Store(Service):
         began = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, d, _ in work:
-                conn.execute("SAVEPOINT op")
+            if len(work) == 1:
+                # One operation (the usual batch when requests come one at a time): the
+                # transaction is its savepoint. Two statements fewer, each a GIL hand-off.
+                operation, d, _ = work[0]
                 try:
                     result = operation(conn)
                 except BaseException:
-                    conn.execute("ROLLBACK TO op")
                     result = Failure()
-                conn.execute("RELEASE op")
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                else:
+                    conn.execute("COMMIT")
+                    self.commits += 1
                 outcomes.append((d, result))
-            conn.execute("COMMIT")
-            self.commits += 1
+            else:
+                for operation, d, _ in work:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        result = operation(conn)
+                    except BaseException:
+                        conn.execute("ROLLBACK TO op")
+                        result = Failure()
+                    conn.execute("RELEASE op")
+                    outcomes.append((d, result))
+                conn.execute("COMMIT")
+                self.commits += 1
         except BaseException:
             # The commit itself failed (disk full, I/O error): nothing in this batch is durable.
             failure = Failure()
