@@ -2,8 +2,9 @@
 
 Every write goes through one writer thread, which takes whatever operations are waiting, runs each
 inside its own savepoint (so one failing operation leaves the others intact; an operation alone
-in its batch has the transaction for that) and commits them all in one transaction. The Deferred of each operation fires on the reactor thread only after that
-commit, so a caller that answers a client after awaiting it has made the change durable first.
+in its batch has the transaction for that) and commits them all in one transaction. The Deferred
+of each operation fires on the reactor thread only after that commit, so a caller that answers a
+client after awaiting it has made the change durable first.
 Reads run on a small pool of reader connections; WAL mode lets them proceed while the writer
 commits. Checkpoints (copying the WAL back into the database file, two fsyncs) run in a thread of
 their own, never inside a commit. Nothing here ever touches SQLite from the reactor thread.
