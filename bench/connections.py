@@ -1,6 +1,6 @@
 """Connection registry (issue 10): the notes' wrk commands against wmgr and a Flask baseline.
 
-    python bench/connections.py [--smoke] [--duration 10] [--keep-log]
+    python bench/connections.py [--smoke] [--duration 10] [--runs 1] [--only publish] [--keep-log]
 
 Starts, in the same run, the baseline (bench/connections_baseline.py: a minimal Flask app of our
 own doing the original connectivity server's work its way: one dict, one lock, a regex per entry)
@@ -16,7 +16,8 @@ it). Both get a TTL long enough that nothing expires during the run. Then, again
 
 and prints each figure as a ratio to the baseline's. Requires `wrk` (Debian: apt-get install -y
 wrk) and Flask + gunicorn (pip install -e '.[bench]'); it installs nothing and says what is
-missing. `--smoke` runs each for 1 s with 100 and 2,000 entries instead.
+missing. `--smoke` runs each for 1 s with 100 and 2,000 entries instead. `--runs N` repeats each
+measurement N times (baseline, then wmgr, each time); `--only publish` measures publish alone.
 """
 
 from __future__ import annotations
@@ -151,7 +152,13 @@ def wrk(port: int, pid: int, script: str, seconds: float) -> dict[str, Any]:
 
 
 def measure(name: str, script: str, servers: dict[str, tuple[int, int]], seconds: float,
-            results: dict[str, Any]) -> None:
+            results: dict[str, Any], runs: int = 1) -> None:
+    for _ in range(runs):
+        measure_once(name, script, servers, seconds, results)
+
+
+def measure_once(name: str, script: str, servers: dict[str, tuple[int, int]], seconds: float,
+                 results: dict[str, Any]) -> None:
     figures = {server: wrk(port, pid, script, seconds) for server, (port, pid) in servers.items()}
     base, ours = figures["baseline"], figures["wmgr"]
     ratio = ours["rate"] / base["rate"]
@@ -161,7 +168,8 @@ def measure(name: str, script: str, servers: dict[str, tuple[int, int]], seconds
     print(f"{name:<18} baseline {base['rate']:9.1f} req/s (p50 {base['p50']}, p99 {base['p99']}, "
           f"{base['cpu_us']:.0f} us CPU/req)  wmgr {ours['rate']:9.1f} req/s (p50 {ours['p50']}, "
           f"p99 {ours['p99']}, {ours['cpu_us']:.0f} us CPU/req)  ratio {ratio:6.2f}x "
-          f"(CPU per request {cpu_ratio:.2f}x less)  target >= {TARGETS[name]:g}x: {met}", flush=True)
+          f"(CPU per request {cpu_ratio:.2f}x less)  target >= {TARGETS[name]:g}x: {met}  "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
 
 
 async def main(reactor: Any, opts: argparse.Namespace) -> int:
@@ -185,7 +193,9 @@ async def main(reactor: Any, opts: argparse.Namespace) -> int:
                        "wmgr": (http_port, wmgr.process.pid)}
             ports = {name: port for name, (port, _) in servers.items()}
             results: dict[str, Any] = {}
-            measure("publish", "publish_unique.lua", servers, seconds, results)
+            measure("publish", "publish_unique.lua", servers, seconds, results, opts.runs)
+            if opts.only == "publish":
+                return 0
             for port in ports.values():
                 fill(port, 0, small)
                 check_lookup(port, "DRO.*", small)
@@ -193,12 +203,12 @@ async def main(reactor: Any, opts: argparse.Namespace) -> int:
             exact = SCRIPTS / "lookup_exact.lua"
             exact_script = exact.read_text().replace("DRO-000500-tp_to_trigger", f"DRO-{large // 2:06d}-tp_to_trigger")
             (scratch / "lookup_exact.lua").write_text(exact_script)
-            measure("lookup DRO.* 1k", "lookup_all.lua", servers, seconds, results)
+            measure("lookup DRO.* 1k", "lookup_all.lua", servers, seconds, results, opts.runs)
             for port in ports.values():
                 fill(port, small, large)
                 size = check_lookup(port, "DRO.*", large)
-            measure("lookup DRO.* 100k", "lookup_all.lua", servers, seconds, results)
-            measure("exact uid 100k", str(scratch / "lookup_exact.lua"), servers, seconds, results)
+            measure("lookup DRO.* 100k", "lookup_all.lua", servers, seconds, results, opts.runs)
+            measure("exact uid 100k", str(scratch / "lookup_exact.lua"), servers, seconds, results, opts.runs)
             print(f"(a {large:,}-entry reply is {size:,} bytes)")
             failed = [name for name, r in results.items() if r["ratio"] < TARGETS[name]]
             if failed and not opts.smoke:
@@ -219,6 +229,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny, quick run (CI): not a timed test")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10, as the notes)")
+    parser.add_argument("--runs", type=int, default=1, help="measurements of each figure (default 1)")
+    parser.add_argument("--only", choices=["publish"], help="measure publish alone")
     parser.add_argument("--keep-log", action="store_true", help="print the daemon's log at the end")
     options = parser.parse_args()
     run_main(lambda reactor: main(reactor, options))

@@ -343,3 +343,22 @@ def test_a_surface_with_its_own_auth_is_reached_without_the_token_and_told_wheth
     assert call(stub, "GET", "/open/x", auth="Bearer wrong").json() == {"token_ok": False}
     # Every other surface still refuses a request without it.
     assert call(stub, "GET", "/rest/v1/jobs/", auth=None).code == 401
+
+
+class SaysHello(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        assert not hasattr(request, "wmgr_token_ok")  # Root did not look for a token
+        return b"hello"
+
+
+def test_an_open_surface_is_served_whatever_the_token_and_others_still_want_it() -> None:
+    fallback = RootApp(document([WR_PATHS, ROOT_PATHS])).app.resource()
+    stub = StubTreq(Root(TOKEN, [Surface(("open",), SaysHello(), own_auth=True, open=True),
+                                 (("rest",), make_wr(FakeQueue()).resource())], fallback))
+    for auth in (None, "Bearer wrong", f"Bearer {TOKEN}"):
+        response = call(stub, "GET", "/open/x", auth=auth)
+        assert (response.code, response.body) == (200, b"hello")
+    assert call(stub, "GET", "/rest/v1/jobs/", auth=None).code == 401
+    assert call(stub, "GET", "/open/%FF", auth=None).code == 400  # the path check still comes first

@@ -159,3 +159,31 @@ def test_form_bodies_stay_in_their_spool_file_unparsed(content_type: bytes) -> N
                          b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     status, seen = answer(transport)
     assert status == 200 and seen == {"args": ["q"], "body": len(body)}
+
+
+def test_a_connection_asks_its_transport_for_its_addresses_once() -> None:
+    class Counting(StringTransport):
+        asked = 0
+
+        def getHost(self):
+            self.asked += 1
+            return super().getHost()
+
+        def getPeer(self):
+            self.asked += 1
+            return super().getPeer()
+
+    class Addresses(Resource):
+        isLeaf = True
+
+        def render(self, request):
+            return b"%s %s" % (request.getHost().host.encode(), request.getClientAddress().host.encode())
+
+    site = WmgrSite(Addresses(), LIMITS, 5.0, reactor=Clock())
+    channel = site.buildProtocol(None)
+    transport = Counting()
+    channel.makeConnection(transport)
+    for _ in range(3):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().count(b"\r\n\r\n10.0.0.1 192.168.1.1") == 3
+    assert transport.asked <= 2

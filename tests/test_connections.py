@@ -373,3 +373,13 @@ def test_writes_of_one_reactor_iteration_go_to_the_store_as_one_operation() -> N
     ensureDeferred(service.publish("p", [dro(5)])).addBoth(done.append)
     clock.advance(0)
     assert "disk on fire" in str(done[-1].value)
+
+
+@pytest.mark.parametrize("text", ["", "DRO-000", 'é"\\\n\t\u2028\U0001F600', "</script>", "\x00\x1f\x7f", "\ud800"])
+@pytest.mark.parametrize("connection_type", [0, -5, 2 ** 70, "", 'x"é'])
+def test_an_entry_is_encoded_as_json_dumps_would_encode_it(text: str, connection_type: Any) -> None:
+    connection = Connection(text, text + "u", "T" + text, connection_type)
+    expected = json.dumps({"uid": connection.uid, "uri": connection.uri, "connection_type": connection_type,
+                           "data_type": connection.data_type}, separators=(",", ":")).encode()
+    assert reg.encode(connection) == expected
+    assert json.loads(reg.json_text(connection_type)) == connection_type

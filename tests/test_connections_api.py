@@ -240,3 +240,59 @@ async def test_only_the_bare_root_belongs_to_this_surface(api: Api) -> None:
     assert code == 200 and json.loads(body)["openapi"].startswith("3.")
     assert (await api.call("GET", "/no-such-thing", token=True))[0] == 404
     assert (await api.call("POST", "/"))[0] == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_answers_alike_on_the_direct_path_and_through_klein(api: Api) -> None:
+    # POST /publish itself skips Klein; other spellings of the path (Klein merges slashes) and
+    # other methods still go through Klein's route, with the same answers.
+    assert await api.call("POST", "/publish", PUBLISH) == (200, b"OK")
+    assert await api.call("POST", "//publish", dict(PUBLISH, partition="other")) == (200, b"OK")
+    assert json.loads((await api.call("GET", "/connections/partitions"))[1])["partitions"] == [
+        {"partition": "ccTest", "entries": 2}, {"partition": "other", "entries": 2}]
+    for path in ("/publish", "//publish"):
+        code, body = await api.call("POST", path, data=b"[1]", headers=JSON)
+        assert (code, error_of(body)) == (400, "the body must be a JSON object")
+    code, body = await api.call("GET", "/publish")
+    assert (code, error_of(body)) == (405, "GET is not allowed here (allowed: POST)")
+    assert (await api.call("POST", "/publish/"))[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_publish_the_store_fails_is_a_json_500(api: Api) -> None:
+    api.service._store.broken = True
+    for path in ("/publish", "//publish"):
+        code, body = await api.call("POST", path, PUBLISH)
+        assert (code, error_of(body)) == (500, "internal error: see the daemon's log")
+
+
+def test_a_client_gone_before_the_commit_gets_no_answer_and_nothing_fails() -> None:
+    import gc
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import globalLogPublisher
+    from twisted.python.failure import Failure
+    from twisted.web.server import Site
+
+    api = Api()
+    root = Root(TOKEN, [Surface(SEGMENTS, ConnectionsAPI(api.service, True).resource(), own_auth=True, quiet=True)],
+                RootApp(document([ROOT_PATHS])).app.resource())
+    channel = Site(root, reactor=api.clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    failures: list[Any] = []
+    observer = lambda event: failures.append(event) if event.get("log_failure") else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        body = json.dumps(PUBLISH).encode()
+        channel.dataReceived(b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        channel.connectionLost(Failure(ConnectionDone()))
+        api.clock.advance(0)  # the batch goes to the store, which commits at once
+        gc.collect()  # an unhandled error in a Deferred is logged when it is collected
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert transport.value() == b""
+    assert failures == []
+    assert api.service._store.rows()[0][1] == "DRO-000-tp_to_trigger"  # committed all the same

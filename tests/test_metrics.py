@@ -12,6 +12,7 @@ from tests.test_api import BASE, TOKEN, Answer, result_of
 from wmgr.api.metrics import METRICS_PATHS, MetricsAPI
 from wmgr.api.openapi import ROOT_PATHS, WR_PATHS, document
 from wmgr.api.root import Root, RootApp, Surface
+from wmgr import metrics as metrics_module
 from wmgr.metrics import UNMATCHED, Metrics, RouteTemplates
 
 
@@ -95,6 +96,15 @@ def test_templates_match_with_or_without_the_trailing_slash() -> None:
     assert routes.match("/rest/v1/jobs") == "/rest/v1/jobs/"
     assert routes.match("/api/v1/cmd") == "/api/v1/cmd/"
     assert routes.match("/api/v1/_0/endInfo/0") == "/api/v1/{path}"
+
+
+def test_matched_paths_are_remembered_within_a_bound(monkeypatch) -> None:
+    monkeypatch.setattr(metrics_module, "PATH_CACHE_SIZE", 3)
+    routes = RouteTemplates(["/rest/v1/jobs/{ids}", "/publish"])
+    for _ in range(2):
+        for path in ("/publish", "/rest/v1/jobs/a", "/rest/v1/jobs/b", "/nowhere", "/publish"):
+            assert routes.match(path) == {"/publish": "/publish", "/nowhere": UNMATCHED}.get(path, "/rest/v1/jobs/{ids}")
+            assert len(routes._known) <= 3
 
 
 def stub(metrics: Metrics, open_without_token: bool) -> StubTreq:

@@ -275,3 +275,69 @@ async def test_the_store_is_a_service(tmp_path: Any, reactor: Any) -> None:
     await bounded(s.stopService())
     s._writer.join(WAIT)  # it fired the Deferred just before it returned
     assert not s.running and not s._writer.is_alive()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_operation_alone_in_its_batch_commits_or_leaves_nothing(store: Store, tmp_path: Any) -> None:
+    before = store.commits
+    assert await bounded(store.write(insert("alone"))) == "alone"
+    assert store.commits - before == 1
+    failed = store.write(insert("refused", fail=True))
+    assert await bounded(failed.addErrback(lambda f: f.trap(ValueError) and f.getErrorMessage())) == "refusing refused"
+    assert store.commits - before == 1
+    assert keys_on_disk(tmp_path / "wmgr.db") == {"alone"}  # its insert, before it raised, rolled back
+    assert await bounded(store.write(insert("after"))) == "after"
+
+
+async def until_true(condition: Any) -> None:
+    """Wait (on the reactor, in small steps, at most WAIT seconds) for another thread's work."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(WAIT * 100):
+        if condition():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("the condition never held")
+
+
+def wal_frames(path: Any) -> int:
+    conn = sqlite3.connect(str(path))
+    try:
+        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return frames
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_checkpoints_run_in_their_own_thread_not_in_commits(tmp_path: Any, reactor: Any, monkeypatch: Any) -> None:
+    # The checkpointer checkpoints once after the first commit, then (here) not again for an
+    # hour: the writer's commits, which used to checkpoint the WAL past 1,000 pages themselves,
+    # must leave it growing, and still commit.
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 3600)
+    s = Store(tmp_path / "wmgr.db", reactor)
+    s.open()
+    try:
+        assert await bounded(s.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])) == 0
+        await until_true(lambda: s.checkpoints == 1)
+        blob = "x" * 3000  # about one page per row
+        for batch in range(12):
+            await bounded(s.write(lambda conn, b=batch: conn.executemany(
+                "INSERT INTO meta (name, value) VALUES (?, ?)", [(f"{b}-{i}", blob) for i in range(100)])))
+        assert s.checkpoints == 1
+        assert wal_frames(tmp_path / "wmgr.db") > 1000
+    finally:
+        s.close()
+        s._writer.join(WAIT)
+    assert not s._checkpointer.is_alive()
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_are_checkpointed_while_they_go_on(store: Store, tmp_path: Any) -> None:
+    await bounded(store.write(insert("a")))
+    await until_true(lambda: store.checkpoints >= 1)
+    first = store.checkpoints
+    await bounded(store.write(insert("b")))
+    await until_true(lambda: store.checkpoints > first)  # after CHECKPOINT_INTERVAL
+    assert keys_on_disk(tmp_path / "wmgr.db") == {"a", "b"}

@@ -201,7 +201,7 @@ class WmgrService(MultiService):
         self.metrics.watch_connections(connections)
         surfaces.append(Surface(CONNECTION_SEGMENTS, ConnectionsAPI(
             connections, config.connections_open, config.connections_max_body, config.connections_max_regex,
-        ).resource(), own_auth=True, quiet=True))
+        ).resource(), own_auth=True, quiet=True, open=config.connections_open))
         if config.connections_open:
             log.warn("[connections] open = true: the connection registry's routes answer without a token")
         # The Qserv worker manager: its routes take the token or Basic/Digest (self.qserv_auth

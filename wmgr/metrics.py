@@ -31,6 +31,8 @@ MB = 1024 * 1024
 
 # Seconds: from a cached GET (sub-millisecond) to a 100,000-job add (seconds).
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PATH_CACHE_SIZE = 4096  # request paths whose route template is remembered
+
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -53,8 +55,20 @@ class RouteTemplates:
         # Most literal segments first: /rest/v1/jobs/{ids}/retry before /rest/v1/jobs/{ids}.
         patterns.sort(key=lambda item: (-item[0], -item[1]))
         self._patterns = [(regex, template) for _, _, regex, template in patterns]
+        # path -> template: most requests repeat a few paths (a DAQ application publishes every
+        # 2 s), and a match walks up to every template's regex. Bounded, as clients pick paths.
+        self._known: dict[str, str] = {}
 
     def match(self, path: str) -> str:
+        template = self._known.get(path)
+        if template is None:
+            template = self._match(path)
+            if len(self._known) >= PATH_CACHE_SIZE:
+                self._known.clear()
+            self._known[path] = template
+        return template
+
+    def _match(self, path: str) -> str:
         for regex, template in self._patterns:
             if regex.match(path):
                 return template
@@ -178,6 +192,7 @@ class Metrics:
                                  ["method", "route"], buckets=HTTP_BUCKETS, registry=self.registry)
         self.store_commits = Histogram("wmgr_store_commit_duration_seconds", "Seconds each batch commit of the store took",
                                        buckets=COMMIT_BUCKETS, registry=self.registry)
+        self._children: dict[tuple[str, str, Optional[int]], tuple[Any, Any]] = {}
 
     def watch(self, queue: Any, launcher: Any, store: Any) -> None:
         self.registry.register(JobCollector(queue, launcher))
@@ -199,8 +214,15 @@ class Metrics:
         name = method.decode("ascii", "replace")
         name = name if name in METHODS else "other"
         route = self.routes.match(path.decode("utf-8", "replace"))
-        self.requests.labels(name, route, str(status or 0)).inc()
-        self.latency.labels(name, route).observe(max(0.0, seconds))
+        key = (name, route, status)
+        children = self._children.get(key)
+        if children is None:
+            # labels() takes a lock and builds its key each time: the children are kept instead
+            # (as many as the series: methods outside METHODS are "other", routes are templates).
+            children = self._children[key] = (self.requests.labels(name, route, str(status or 0)),
+                                              self.latency.labels(name, route))
+        children[0].inc()
+        children[1].observe(max(0.0, seconds))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -274,3 +274,44 @@ async def test_large_replies_over_both_listeners(make_daemon: Any, reactor: Any)
     finally:
         for c in (client, kept_alive, https):
             await c.close()
+
+
+def raw_exchange(port: int, requests: bytes, answers: int) -> bytes:
+    """Send raw request bytes on one connection; read until `answers` replies, or with answers=0
+    until the daemon closes the connection (a socket timeout if it does not)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(requests)
+        received = b""
+        while not answers or received.count(b"HTTP/1.1 ") < answers or not received.endswith(b"OK"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def raw_publish(uid: str, close: bool = False) -> bytes:
+    body = json.dumps({"partition": "raw", "connections": [
+        {"uid": uid, "uri": "tcp://h:1", "data_type": "TPSet", "connection_type": 0}]}).encode()
+    headers = b"Connection: close\r\n" if close else b""
+    return b"POST /publish HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s" % (headers, len(body), body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_answers_on_kept_alive_pipelined_and_closing_connections(make_daemon: Any, reactor: Any) -> None:
+    # A publish's answer is written to the socket as soon as it is committed (not at the
+    # reactor's next poll): on a kept-alive connection, pipelined, and one that closes after it.
+    daemon = await open_daemon(make_daemon)
+    port = daemon.http_port
+    several = await deferToThread(raw_exchange, port, b"".join(raw_publish(f"u{i}") for i in range(5)), 5)
+    assert several.count(b"HTTP/1.1 200 OK\r\n") == 5 and several.count(b"Content-Length: 2\r\n") == 5
+    closing = await deferToThread(raw_exchange, port, raw_publish("last", close=True), 0)
+    assert closing.startswith(b"HTTP/1.1 200 OK\r\n") and closing.endswith(b"\r\n\r\nOK")
+    client = plain(reactor, daemon)
+    try:
+        found = (await client.post("/getconnection/raw", {"uid_regex": ".*", "data_type": "TPSet"})).json()
+        assert [item["uid"] for item in found] == ["u0", "u1", "u2", "u3", "u4", "last"]
+    finally:
+        await client.close()

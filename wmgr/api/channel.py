@@ -93,6 +93,20 @@ class LimitedChannel(HTTPChannel):
     _deadline: Any = None
     _refused = False
     _request_begun = False  # bytes of the awaited request have arrived
+    _host: Any = None
+    _peer: Any = None
+
+    # Every request asks for both addresses, which do not change while the connection lasts:
+    # TCP's getHost is a getsockname system call, and each answer a new address object.
+    def getHost(self) -> Any:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -53,6 +53,9 @@ class Surface:
     # (DAQ applications republish and look up every 2 s each), where a line per success is noise
     # and a quarter of the cost of a request.
     quiet: bool = False
+    # Serves every request, token or not (an own_auth surface configured open): Root then spends
+    # nothing on the token or the session, which the surface would not look at.
+    open: bool = False
 
 
 SurfaceLike = Union[Surface, tuple[Iterable[str], Any]]
@@ -89,6 +92,8 @@ class Root(Resource):
             request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
             return json_response(request, {"error": "the path (once %-decoded) or the Host is not UTF-8 text"}, 400)
+        if surface.open:
+            return surface.resource.render(request)
         token_ok = request.path in PUBLIC_PATHS or self._authorised(request, first)
         if not token_ok and self._sessions is not None:
             # A dashboard login stands for the token, except for a state-changing request that

@@ -11,7 +11,7 @@ import json
 import sqlite3
 from typing import Any, Callable, Iterable
 
-from wmgr.connections.registry import Connection, Entry
+from wmgr.connections.registry import Connection, Entry, json_text
 
 PartitionEntries = list[tuple[str, list[Entry]]]
 Operation = Callable[[sqlite3.Connection], Any]
@@ -25,7 +25,7 @@ UPSERT = ("INSERT INTO conn_entries (partition, uid, uri, data_type, connection_
 
 def save(partition: str, entries: Iterable[Entry], new_partition: bool) -> Operation:
     rows = [(partition, e.connection.uid, e.connection.uri, e.connection.data_type,
-             json.dumps(e.connection.connection_type), e.published, e.seq) for e in entries]
+             json_text(e.connection.connection_type), e.published, e.seq) for e in entries]
 
     def run(conn: sqlite3.Connection) -> None:
         # As few statements as possible: each is a GIL hand-off between this thread and the

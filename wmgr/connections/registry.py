@@ -13,8 +13,8 @@ Why it is fast where the original scanned everything with a regex per entry:
 
 from __future__ import annotations
 
-import json
 import re
+from json.encoder import encode_basestring_ascii as _string  # type: ignore[attr-defined]
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -57,12 +57,17 @@ class Entry:
 
 
 def encode(connection: Connection) -> bytes:
-    """The reply object of one entry: keys in the original's order, compact, properly escaped."""
-    return json.dumps(
-        {"uid": connection.uid, "uri": connection.uri, "connection_type": connection.connection_type,
-         "data_type": connection.data_type},
-        separators=(",", ":"),
-    ).encode("utf-8")
+    """The reply object of one entry: keys in the original's order, compact, properly escaped
+    (byte for byte what json.dumps with separators=(",", ":") gives, which builds an encoder for
+    each call: most of what encoding an entry cost)."""
+    return (f'{{"uid":{_string(connection.uid)},"uri":{_string(connection.uri)},'
+            f'"connection_type":{json_text(connection.connection_type)},'
+            f'"data_type":{_string(connection.data_type)}}}').encode("ascii")
+
+
+def json_text(value: ConnectionType) -> str:
+    """A connection_type as JSON: an int (never a bool: the API refuses those) or a string."""
+    return str(value) if isinstance(value, int) else _string(value)
 
 
 def is_literal(pattern: str) -> bool:
