@@ -1,10 +1,11 @@
 """The worker role: this daemon runs jobs of another wmgr (its manager), pulled over HTTPS.
 
 One cycle (every `heartbeat` seconds, and at once when a job ends or a report is made):
-register if needed; heartbeat with this machine's figures (psutil, in a thread) and the jobs it
-runs, stopping those the reply says are not its own any more; send the reports waiting in the
-outbox; and, when there is room, pull in one request as many ready jobs as fit the free cores
-and memory, ask "may I run" for them, and start those allowed with the same runner as local jobs.
+register if needed; heartbeat, only when one is due (every `heartbeat` seconds), with this
+machine's figures (psutil, in a thread) and the jobs it runs, stopping those the reply says are not
+its own any more; then, side by side, send the reports waiting in the outbox and, when there is
+room, pull in one request as many ready jobs as fit the free cores and memory, and start them with
+the same runner as local jobs (the pull is the grant: each comes under a lease of this session).
 
 When the manager does not answer, jobs carry on, reports stay in the outbox (durable), and
 requests are retried with back-off; once it answers again, the worker asks "may I run" for every
@@ -24,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import psutil
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -146,9 +147,8 @@ class WorkerAgent(Service):
         self._timer_call: Any = None
         self._cycling: Optional[Deferred[None]] = None
         self._again = False
+        self._beat_due = True  # the next cycle heartbeats (set every `heartbeat` seconds)
         self.ready: Optional[Deferred[None]] = None
-        # A batch runner's end (reactor seconds): it pulls only jobs expected to end before it.
-        self.deadline: Optional[float] = None
         # A batch runner's end (reactor seconds): it pulls only jobs expected to end before it.
         self.deadline: Optional[float] = None
 
@@ -182,6 +182,7 @@ class WorkerAgent(Service):
 
     def _tick(self) -> None:
         """The periodic cycle: every `heartbeat` seconds, sooner while the manager is unreachable."""
+        self._beat_due = True
         self._timer_call = self._reactor.callLater(self.backoff or self.heartbeat, self._tick)
         self.poke()
 
@@ -225,27 +226,14 @@ class WorkerAgent(Service):
 
     async def cycle(self) -> None:
         try:
-            # Reports first: they need no session, and registering again would end the leases
-            # they are about.
-            await self._send_reports()
-            if self.session is None:
-                await self._register()
             try:
-                await self._beat()
+                await self._exchange()
             except SessionLost:
                 # At once, not after a back-off: the manager answers, it just forgot us (a
                 # restart). Registering names the jobs we run; their leases carry over.
                 log.info("the manager does not know this worker's session: registering again")
-                await self._register()
-                await self._beat()
-            if not self.reachable:
-                self.reachable = True
-                self.backoff = 0.0
-                if self._fence_call is not None and self._fence_call.active():
-                    self._fence_call.cancel()
-                log.info("the manager answers again")
-                await self._recheck()
-            await self._pull()
+                self._beat_due = True
+                await self._exchange()
         except Unreachable as e:
             if self.reachable:
                 log.info("the manager is unreachable ({why}); jobs carry on, reports are kept", why=str(e))
@@ -254,6 +242,36 @@ class WorkerAgent(Service):
             # Retried sooner at first (1 s, 2 s, 4 s...), never less often than the heartbeat, so
             # that a manager back within its timeout still finds this worker online.
             self.backoff = min(self.heartbeat, max(min(1.0, self.heartbeat), self.backoff * 2))
+
+    async def _exchange(self) -> None:
+        """One round with the manager: a heartbeat only when one is due (every `heartbeat` s) or
+        while it is unreachable; then the waiting reports and the next pull side by side, so that
+        a stream of short jobs costs one round trip per batch rather than four."""
+        if self.session is None:
+            # Reports first: they need no session, and registering again would end the leases
+            # they are about.
+            await self._send_reports()
+            await self._register()
+        if self._beat_due or not self.reachable:
+            self._beat_due = False
+            await self._beat()
+        if not self.reachable:
+            self.reachable = True
+            self.backoff = 0.0
+            if self._fence_call is not None and self._fence_call.active():
+                self._fence_call.cancel()
+            log.info("the manager answers again")
+            await self._recheck()
+        # Both run to their end before a failure of either counts: a report batch in flight is
+        # not sent again, and registering again (after a refused pull) waits for its answer.
+        results = await DeferredList([ensureDeferred(self._send_reports()), ensureDeferred(self._pull())],
+                                     consumeErrors=True)
+        failures = [value for ok, value in results if not ok]
+        for failure in failures:  # a lost session first: it is answered by registering again
+            if failure.check(SessionLost):
+                failure.raiseException()
+        if failures:
+            failures[0].raiseException()
 
     async def _post(self, route: str, body: dict[str, Any], session: bool = True) -> Any:
         if session:
@@ -340,15 +358,16 @@ class WorkerAgent(Service):
             if room["time_left"] <= 0:
                 return
         answer = await self._post("pull", room)
+        self.manager_has_work = answer.get("ready", 1) > 0
         pulled = [Slot(payload) for payload in answer["jobs"]]
         if not pulled:
             return
+        # The pull is the grant: each job came under a lease held by this session, stored before
+        # the reply. (A lease ended since, say by a kill, is named in the next heartbeat's
+        # reply, as for any running job; may-run is for what runs across an unreachable spell.)
         for slot in pulled:
             self._take(slot)
-        allowed = await self._post("may-run", {"jobs": [[slot.key, slot.attempt] for slot in pulled]})
-        permitted = set(allowed["run"])
-        for slot in pulled:
-            if slot.key in permitted and self.running:
+            if self.running:
                 self._start(slot)
             else:
                 self._release(slot)

@@ -309,7 +309,11 @@ class Workers(Service):
         # an idle worker of an idle manager heartbeats without pulling.
         return {"stop": [key for key in running if key not in worker.leases],
                 "kill": {key: run.kill_reason for key, run in worker.leases.items() if run.kill_reason},
-                "ready": self.queue.scheduler.waiting() if worker.enabled else 0}
+                "ready": self.ready(worker)}
+
+    def ready(self, worker: Worker) -> int:
+        """Whether a pull by this worker could find work: an upper bound (the ready groups' sizes)."""
+        return self.queue.scheduler.waiting() if worker.enabled else 0
 
     async def pull(self, name: str, session: str, cores: float, memory: int, slots: int,
                    most: int = 0, turn: Optional[Callable[[], Deferred[None]]] = None,
