@@ -100,6 +100,7 @@ class Slot:
         self.max_time: Optional[float] = payload.get("max_time")
         self.memory_limit: Optional[float] = payload.get("memory_limit")
         self.run: Optional[JobRun] = None
+        self.ended = False  # its command has exited
         self.output_seen = 0  # bytes of its stdout already forwarded
 
 
@@ -133,6 +134,7 @@ class WorkerAgent(Service):
         self._figures = figures
         self.session: Optional[str] = None
         self.slots: dict[str, Slot] = {}
+        self._starts: list[tuple[Slot, dict[str, Any]]] = []  # starts not reported yet (see _started)
         self.stopping: set[str] = set()  # told to stop, not ended yet: nothing is pulled meanwhile
         self.manager_timeout = 60.0  # the manager's, told at registration
         self.last_contact = 0.0  # when the last heartbeat the manager answered was sent
@@ -336,6 +338,7 @@ class WorkerAgent(Service):
             self._stop(key, STOPPED)
 
     async def _send_reports(self) -> None:
+        await self._keep_starts()
         while self.outbox.pending:
             batch = self.outbox.batch()
             await self._post("reports", {"name": self.worker_name, "reports": [report for _, report in batch]},
@@ -409,9 +412,9 @@ class WorkerAgent(Service):
         slot.run = run
         started = {"started": run.started}
         if run.pid:
-            self._report(slot, "start", dict(started, pid=run.pid))
+            self._started(slot, dict(started, pid=run.pid))
         else:
-            run.on_started = lambda pid: self._report(slot, "start", dict(started, pid=pid))
+            run.on_started = lambda pid: self._started(slot, dict(started, pid=pid))
         run.done.addCallback(lambda result: ensureDeferred(self._ended(slot, result)))
         run.done.addErrback(lambda f: log.failure("the end of pulled job {key} was not reported", f, key=slot.key))
 
@@ -419,6 +422,7 @@ class WorkerAgent(Service):
         """The job's command has exited: its behaviours run here, where it ran (as wr's runners
         do), before its slot is free and its end reported. A run stopped because the job is no
         longer this worker's has no outcome of its own: no behaviours, its directory goes."""
+        slot.ended = True
         run = slot.run
         workspace = run.workspace if run is not None else None
         ours = result.kill_reason not in (STOPPED, FENCED)
@@ -457,6 +461,19 @@ class WorkerAgent(Service):
         else:
             self.stopping.add(key)
             slot.run.kill(reason)
+
+    def _started(self, slot: Slot, fields: dict[str, Any]) -> None:
+        """A start is reported with the next batch of reports, unless the job has ended by then:
+        its end says when it started, and a stream of short jobs then costs the manager one
+        report (and one write) per job rather than two."""
+        self._starts.append((slot, fields))
+        self.poke()
+
+    async def _keep_starts(self) -> None:
+        starts, self._starts = self._starts, []
+        for slot, fields in starts:
+            if not slot.ended:
+                await self.outbox.put(dict(fields, key=slot.key, attempt=slot.attempt, event="start"))
 
     def _report(self, slot: Slot, event: str, fields: dict[str, Any]) -> None:
         report = dict(fields, key=slot.key, attempt=slot.attempt, event=event)
