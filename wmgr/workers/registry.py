@@ -9,8 +9,8 @@ Rules:
 - Leases are renewed by the worker's heartbeats. A worker silent for longer than `timeout` goes
   offline: its leases end, its jobs are lost and go back to the queue at once (retried elsewhere,
   or buried when their retries are spent), and it is listed as a bad server.
-- A worker asks "may I run" before it starts jobs it was given and after the manager comes back;
-  a heartbeat's reply names the jobs it runs without a lease (given away meanwhile: stop them)
+- A pull is the grant: the worker starts what it was given. It asks "may I run" for what it
+  runs after the manager comes back (and when it registers again); a heartbeat's reply names the jobs it runs without a lease (given away meanwhile: stop them)
   and the jobs to kill (killed or cancelled here).
 - A report (start, end) counts only for the lease it names (job key and attempt); any other is a
   stale one, acknowledged and ignored, so that a report delivered twice changes nothing.
