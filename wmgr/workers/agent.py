@@ -3,9 +3,10 @@
 One cycle (every `heartbeat` seconds, and at once when a job ends or a report is made):
 register if needed; heartbeat, only when one is due (every `heartbeat` seconds), with this
 machine's figures (psutil, in a thread) and the jobs it runs, stopping those the reply says are not
-its own any more; then, side by side, send the reports waiting in the outbox and, when there is
-room, pull in one request as many ready jobs as fit the free cores and memory, and start them with
-the same runner as local jobs (the pull is the grant: each comes under a lease of this session).
+its own any more; then, when there is room, pull in one request as many ready jobs as fit the
+free cores and memory, and start them with the same runner as local jobs (the pull is the grant:
+each comes under a lease of this session).
+The reports waiting in the outbox go on a loop of their own, one batch in flight at a time.
 
 When the manager does not answer, jobs carry on, reports stay in the outbox (durable), and
 requests are retried with back-off; once it answers again, the worker asks "may I run" for every
@@ -25,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import psutil
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -135,6 +136,7 @@ class WorkerAgent(Service):
         self.session: Optional[str] = None
         self.slots: dict[str, Slot] = {}
         self._starts: list[tuple[Slot, dict[str, Any]]] = []  # starts not reported yet (see _started)
+        self._sending: Optional[Deferred[None]] = None  # the report loop, while it runs
         self.stopping: set[str] = set()  # told to stop, not ended yet: nothing is pulled meanwhile
         self.manager_timeout = 60.0  # the manager's, told at registration
         self.last_contact = 0.0  # when the last heartbeat the manager answered was sent
@@ -237,21 +239,27 @@ class WorkerAgent(Service):
                 self._beat_due = True
                 await self._exchange()
         except Unreachable as e:
-            if self.reachable:
-                log.info("the manager is unreachable ({why}); jobs carry on, reports are kept", why=str(e))
-            self.reachable = False
-            self._arm_fence()
-            # Retried sooner at first (1 s, 2 s, 4 s...), never less often than the heartbeat, so
-            # that a manager back within its timeout still finds this worker online.
-            self.backoff = min(self.heartbeat, max(min(1.0, self.heartbeat), self.backoff * 2))
+            self._unreachable(e)
+
+    def _unreachable(self, e: Exception) -> None:
+        if self.reachable:
+            log.info("the manager is unreachable ({why}); jobs carry on, reports are kept", why=str(e))
+        self.reachable = False
+        self._arm_fence()
+        # Retried sooner at first (1 s, 2 s, 4 s...), never less often than the heartbeat, so
+        # that a manager back within its timeout still finds this worker online.
+        self.backoff = min(self.heartbeat, max(min(1.0, self.heartbeat), self.backoff * 2))
 
     async def _exchange(self) -> None:
         """One round with the manager: a heartbeat only when one is due (every `heartbeat` s) or
-        while it is unreachable; then the waiting reports and the next pull side by side, so that
-        a stream of short jobs costs one round trip per batch rather than four."""
+        while it is unreachable; then the next pull, while the waiting reports go on a loop of
+        their own (one batch in flight at a time), so that a stream of short jobs costs about
+        one round trip per batch rather than four, and a slow report batch does not hold up
+        the next pull."""
         if self.session is None:
             # Reports first: they need no session, and registering again would end the leases
             # they are about.
+            await self._reports_sent()
             await self._send_reports()
             await self._register()
         if self._beat_due or not self.reachable:
@@ -264,16 +272,29 @@ class WorkerAgent(Service):
                 self._fence_call.cancel()
             log.info("the manager answers again")
             await self._recheck()
-        # Both run to their end before a failure of either counts: a report batch in flight is
-        # not sent again, and registering again (after a refused pull) waits for its answer.
-        results = await DeferredList([ensureDeferred(self._send_reports()), ensureDeferred(self._pull())],
-                                     consumeErrors=True)
-        failures = [value for ok, value in results if not ok]
-        for failure in failures:  # a lost session first: it is answered by registering again
-            if failure.check(SessionLost):
-                failure.raiseException()
-        if failures:
-            failures[0].raiseException()
+        self._kick_reports()
+        await self._pull()
+
+    def _kick_reports(self) -> None:
+        if self._sending is None and (self.outbox.pending or self._starts):
+            sending = ensureDeferred(self._report_loop())
+            if not sending.called:  # (one that ended at once has cleared _sending already)
+                self._sending = sending
+
+    async def _report_loop(self) -> None:
+        try:
+            await self._send_reports()
+        except Unreachable as e:
+            self._unreachable(e)
+        except Exception:
+            log.failure("sending reports failed; they are kept and sent again")
+        finally:
+            self._sending = None
+
+    async def _reports_sent(self) -> None:
+        """Wait for the report batch in flight, if any (so that none is sent twice)."""
+        while self._sending is not None:
+            await self._sending
 
     async def _post(self, route: str, body: dict[str, Any], session: bool = True) -> Any:
         if session:
@@ -340,6 +361,7 @@ class WorkerAgent(Service):
     async def _send_reports(self) -> None:
         await self._keep_starts()
         while self.outbox.pending:
+            await self._keep_starts()
             batch = self.outbox.batch()
             await self._post("reports", {"name": self.worker_name, "reports": [report for _, report in batch]},
                              session=False)
