@@ -8,7 +8,8 @@ Measured:
 2. submission latency: an idle manager with `[scheduler] backend = slurm` and no runner is given
    one job; how long until it starts (the job's Started time less the time it was added) and
    until the client sees it complete;
-3. 10,000 trivial jobs through runners (max_runners runners, `pack` zero-core jobs at once each):
+3. 10,000 trivial jobs through runners (max_runners runners, default 4, `pack` zero-core jobs at
+   once each, default 64: a runner's rate is its slots per round trip to the manager):
    from the add until every job is complete: jobs/s, the ratio against the baseline (target
    >= 20x), and where it tops out: the manager's reactor CPU over that phase (near 100 %: the
    manager is the limit; well under: the runners, i.e. the node's cores, are).
@@ -123,8 +124,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny, quick run (CI): not a timed test")
     parser.add_argument("--jobs", type=int, default=0, help="jobs through runners (default 10,000; smoke 300)")
-    parser.add_argument("--runners", type=int, default=2, help="[slurm] max_runners (default 2)")
-    parser.add_argument("--pack", type=int, default=16, help="[slurm] pack: zero-core jobs at once per runner")
+    parser.add_argument("--runners", type=int, default=4, help="[slurm] max_runners (default 4)")
+    parser.add_argument("--pack", type=int, default=64,
+                        help="[slurm] pack: zero-core jobs at once per runner (default 64)")
     parser.add_argument("--keep-log", action="store_true", help="print the manager's log at the end")
     options = parser.parse_args()
     run_main(lambda reactor: main(reactor, options))

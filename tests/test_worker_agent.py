@@ -321,3 +321,24 @@ def test_a_pulled_job_carries_on_across_a_restart_of_the_manager_and_runs_once(s
     s.end("long")
     assert job.state == model.COMPLETE and job.attempts == 1 and job.host == "w1"
     assert s.m.store.row(job.key) == (model.COMPLETE, "")
+
+
+def test_a_job_that_ends_before_the_next_report_batch_is_reported_by_its_end_alone(s: Setup) -> None:
+    events: list[tuple[str, str]] = []
+    real_report = s.m.workers.report
+    s.m.workers.report = lambda name, reports: (  # type: ignore[method-assign]
+        events.extend((r["key"], r["event"]) for r in reports) or real_report(name, reports))
+    real_started = s.agent._started
+
+    def started(slot: Any, fields: Any) -> None:
+        real_started(slot, fields)
+        if slot.spec["cmd"] == "quick":
+            s.spawner.running("quick").end(0)  # ends before the next cycle sends its start
+
+    s.agent._started = started  # type: ignore[method-assign]
+    quick, slow = s.m.add({"cmd": "quick", "cpus": 1}, {"cmd": "slow", "cpus": 1})
+    s.start()
+    assert quick.state == model.COMPLETE and quick.attempts == 1
+    assert [event for key, event in events if key == quick.key] == ["end"]
+    assert [event for key, event in events if key == slow.key] == ["start"]  # still running: its start is told
+    assert slow.state == model.RUNNING and slow.pid == s.spawner.running("slow").pid

@@ -281,6 +281,44 @@ async def test_a_stopped_manager_leaves_its_runners_to_finish_their_job_and_exit
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_manager_back_within_its_worker_timeout_gets_the_end_of_the_job_its_runner_finished(
+        slurm: None, make_daemon: Any, reactor: Any, tmp_path: Path) -> None:
+    # Leases outlive a restart: the runner keeps the end of the job it finished while the manager
+    # was down, registers again when it is back, and the end lands on the job's recovered lease.
+    port = free_port()
+    config = manager_config(max_runners=1, idle_exit=2).replace("timeout = 10\n", "timeout = 30\n")
+    manager = await make_daemon("--port", str(port), name="manager", config=config)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    client = manager.client(reactor)
+    try:
+        [job] = await client.add_jobs([{"cmd": job_command(marks, 0, 3), "cpus": 1, "memory": "20M"}])
+
+        async def running() -> Any:
+            return (await client.get("rest/v1/jobs/" + job["Key"])).json()[0]["State"] == "running"
+
+        await until(reactor, running, timeout=60, every=0.2)
+    finally:
+        await client.close()
+    assert await manager.stop(reactor) == 0, manager.log()
+    stopped = time.time()
+    await until(reactor, lambda: succeed(len(runs_of(marks / "job0")) == 2), timeout=30, every=0.2)
+    await manager.start(reactor)
+    client = manager.client(reactor)
+    try:
+        async def ended() -> Any:
+            [status] = (await client.get("rest/v1/jobs/" + job["Key"])).json()
+            return status["State"] not in ("running", "reserved", "ready") and status
+
+        status = await until(reactor, ended, timeout=60, every=0.5)
+        assert status["State"] == "complete" and status["Attempts"] == 1, status
+        [(start, _), (end, at)] = runs_of(marks / "job0")
+        assert end == "E" and at > stopped and time.time() - stopped < 30
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_wmgr_slurm_says_when_a_daemon_does_not_run_on_slurm(daemon: Any) -> None:
     listed = wmgr(daemon.data_dir, "slurm")
     assert listed.returncode == 1 and "[scheduler] backend = local" in listed.stderr, listed

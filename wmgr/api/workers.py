@@ -157,7 +157,9 @@ class WorkersAPI:
             await turn()
         jobs = await self.workers.pull(name, session, _number(body, "cores"), int(_number(body, "memory")),
                                        int(_number(body, "slots", 0, MAX_ITEMS)), most, turn, time_left)
-        return json_response(request, {"jobs": jobs})
+        # `ready`, as a heartbeat's: a worker that just filled its room pulls again only if it may find some.
+        worker = self.workers.workers.get(name)
+        return json_response(request, {"jobs": jobs, "ready": self.workers.ready(worker) if worker else 0})
 
     @app.route("/worker/v1/may-run", methods=["POST"])
     def may_run(self, request: Any) -> bytes:
@@ -233,7 +235,7 @@ WORKER_PATHS: dict[str, Any] = {
         "end within that many seconds), each under a lease",
         _body(("name", "session", "cores", "memory", "slots"), name=_NAME, session=_SESSION, cores=_ROOM,
               memory=_ROOM, slots=_ROOM, most=_ROOM, time_left=_ROOM),
-        {"type": "object", "properties": {"jobs": {"type": "array", "items": _OBJ}}}),
+        {"type": "object", "properties": {"jobs": {"type": "array", "items": _OBJ}, "ready": {"type": "integer"}}}),
     "/worker/v1/may-run": _op(
         "may I run: jobs as [key, attempt] pairs; answers run and stop lists",
         _body(("name", "session", "jobs"), name=_NAME, session=_SESSION,

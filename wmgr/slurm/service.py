@@ -250,7 +250,10 @@ class SlurmRunners(Service):
             if cores > 0:  # as many as fit max_cpus, but always one, however many cores it needs
                 per_runner = max(1, min(per_runner, int(self.settings.max_cpus // cores)))
             while uncovered > 0 and room > 0:
-                takes = min(per_runner, uncovered)
+                # Jobs of no cores: always a full pack of slots (they cost no cpu, and a runner
+                # sized for the one job there was would hold a place among max_runners while
+                # pulling one job per round trip through a flood that follows).
+                takes = per_runner if cores == 0 else min(per_runner, uncovered)
                 plans.append((shape, takes, seconds))
                 uncovered -= takes
                 room -= 1

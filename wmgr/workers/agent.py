@@ -1,10 +1,12 @@
 """The worker role: this daemon runs jobs of another wmgr (its manager), pulled over HTTPS.
 
 One cycle (every `heartbeat` seconds, and at once when a job ends or a report is made):
-register if needed; heartbeat with this machine's figures (psutil, in a thread) and the jobs it
-runs, stopping those the reply says are not its own any more; send the reports waiting in the
-outbox; and, when there is room, pull in one request as many ready jobs as fit the free cores
-and memory, ask "may I run" for them, and start those allowed with the same runner as local jobs.
+register if needed; heartbeat, only when one is due (every `heartbeat` seconds), with this
+machine's figures (psutil, in a thread) and the jobs it runs, stopping those the reply says are not
+its own any more; then, when there is room, pull in one request as many ready jobs as fit the
+free cores and memory, and start them with the same runner as local jobs (the pull is the grant:
+each comes under a lease of this session).
+The reports waiting in the outbox go on a loop of their own, one batch in flight at a time.
 
 When the manager does not answer, jobs carry on, reports stay in the outbox (durable), and
 requests are retried with back-off; once it answers again, the worker asks "may I run" for every
@@ -99,6 +101,7 @@ class Slot:
         self.max_time: Optional[float] = payload.get("max_time")
         self.memory_limit: Optional[float] = payload.get("memory_limit")
         self.run: Optional[JobRun] = None
+        self.ended = False  # its command has exited
         self.output_seen = 0  # bytes of its stdout already forwarded
 
 
@@ -132,6 +135,8 @@ class WorkerAgent(Service):
         self._figures = figures
         self.session: Optional[str] = None
         self.slots: dict[str, Slot] = {}
+        self._starts: list[tuple[Slot, dict[str, Any]]] = []  # starts not reported yet (see _started)
+        self._sending: Optional[Deferred[None]] = None  # the report loop, while it runs
         self.stopping: set[str] = set()  # told to stop, not ended yet: nothing is pulled meanwhile
         self.manager_timeout = 60.0  # the manager's, told at registration
         self.last_contact = 0.0  # when the last heartbeat the manager answered was sent
@@ -146,9 +151,8 @@ class WorkerAgent(Service):
         self._timer_call: Any = None
         self._cycling: Optional[Deferred[None]] = None
         self._again = False
+        self._beat_due = True  # the next cycle heartbeats (set every `heartbeat` seconds)
         self.ready: Optional[Deferred[None]] = None
-        # A batch runner's end (reactor seconds): it pulls only jobs expected to end before it.
-        self.deadline: Optional[float] = None
         # A batch runner's end (reactor seconds): it pulls only jobs expected to end before it.
         self.deadline: Optional[float] = None
 
@@ -182,6 +186,7 @@ class WorkerAgent(Service):
 
     def _tick(self) -> None:
         """The periodic cycle: every `heartbeat` seconds, sooner while the manager is unreachable."""
+        self._beat_due = True
         self._timer_call = self._reactor.callLater(self.backoff or self.heartbeat, self._tick)
         self.poke()
 
@@ -225,35 +230,71 @@ class WorkerAgent(Service):
 
     async def cycle(self) -> None:
         try:
-            # Reports first: they need no session, and registering again would end the leases
-            # they are about.
-            await self._send_reports()
-            if self.session is None:
-                await self._register()
             try:
-                await self._beat()
+                await self._exchange()
             except SessionLost:
                 # At once, not after a back-off: the manager answers, it just forgot us (a
                 # restart). Registering names the jobs we run; their leases carry over.
                 log.info("the manager does not know this worker's session: registering again")
-                await self._register()
-                await self._beat()
-            if not self.reachable:
-                self.reachable = True
-                self.backoff = 0.0
-                if self._fence_call is not None and self._fence_call.active():
-                    self._fence_call.cancel()
-                log.info("the manager answers again")
-                await self._recheck()
-            await self._pull()
+                self._beat_due = True
+                await self._exchange()
         except Unreachable as e:
-            if self.reachable:
-                log.info("the manager is unreachable ({why}); jobs carry on, reports are kept", why=str(e))
-            self.reachable = False
-            self._arm_fence()
-            # Retried sooner at first (1 s, 2 s, 4 s...), never less often than the heartbeat, so
-            # that a manager back within its timeout still finds this worker online.
-            self.backoff = min(self.heartbeat, max(min(1.0, self.heartbeat), self.backoff * 2))
+            self._unreachable(e)
+
+    def _unreachable(self, e: Exception) -> None:
+        if self.reachable:
+            log.info("the manager is unreachable ({why}); jobs carry on, reports are kept", why=str(e))
+        self.reachable = False
+        self._arm_fence()
+        # Retried sooner at first (1 s, 2 s, 4 s...), never less often than the heartbeat, so
+        # that a manager back within its timeout still finds this worker online.
+        self.backoff = min(self.heartbeat, max(min(1.0, self.heartbeat), self.backoff * 2))
+
+    async def _exchange(self) -> None:
+        """One round with the manager: a heartbeat only when one is due (every `heartbeat` s) or
+        while it is unreachable; then the next pull, while the waiting reports go on a loop of
+        their own (one batch in flight at a time), so that a stream of short jobs costs about
+        one round trip per batch rather than four, and a slow report batch does not hold up
+        the next pull."""
+        if self.session is None:
+            # Reports first: they need no session, and registering again would end the leases
+            # they are about.
+            await self._reports_sent()
+            await self._send_reports()
+            await self._register()
+        if self._beat_due or not self.reachable:
+            self._beat_due = False
+            await self._beat()
+        if not self.reachable:
+            self.reachable = True
+            self.backoff = 0.0
+            if self._fence_call is not None and self._fence_call.active():
+                self._fence_call.cancel()
+            log.info("the manager answers again")
+            await self._recheck()
+        self._kick_reports()
+        await self._pull()
+
+    def _kick_reports(self) -> None:
+        if self._sending is None and (self.outbox.pending or self._starts):
+            sending = ensureDeferred(self._report_loop())
+            if not sending.called:  # (one that ended at once has cleared _sending already)
+                self._sending = sending
+
+    async def _report_loop(self) -> None:
+        try:
+            await self._send_reports()
+        except Unreachable as e:
+            self._unreachable(e)
+        except Exception:
+            log.failure("sending reports failed; they are kept and sent again")
+        finally:
+            self._sending = None
+
+    async def _reports_sent(self) -> None:
+        """Wait for the report batch in flight, if any (so that none is sent twice)."""
+        while self._sending is not None:
+            await self._sending
 
     async def _post(self, route: str, body: dict[str, Any], session: bool = True) -> Any:
         if session:
@@ -318,7 +359,9 @@ class WorkerAgent(Service):
             self._stop(key, STOPPED)
 
     async def _send_reports(self) -> None:
+        await self._keep_starts()
         while self.outbox.pending:
+            await self._keep_starts()
             batch = self.outbox.batch()
             await self._post("reports", {"name": self.worker_name, "reports": [report for _, report in batch]},
                              session=False)
@@ -340,15 +383,16 @@ class WorkerAgent(Service):
             if room["time_left"] <= 0:
                 return
         answer = await self._post("pull", room)
+        self.manager_has_work = answer.get("ready", 1) > 0
         pulled = [Slot(payload) for payload in answer["jobs"]]
         if not pulled:
             return
+        # The pull is the grant: each job came under a lease held by this session, stored before
+        # the reply. (A lease ended since, say by a kill, is named in the next heartbeat's
+        # reply, as for any running job; may-run is for what runs across an unreachable spell.)
         for slot in pulled:
             self._take(slot)
-        allowed = await self._post("may-run", {"jobs": [[slot.key, slot.attempt] for slot in pulled]})
-        permitted = set(allowed["run"])
-        for slot in pulled:
-            if slot.key in permitted and self.running:
+            if self.running:
                 self._start(slot)
             else:
                 self._release(slot)
@@ -390,9 +434,9 @@ class WorkerAgent(Service):
         slot.run = run
         started = {"started": run.started}
         if run.pid:
-            self._report(slot, "start", dict(started, pid=run.pid))
+            self._started(slot, dict(started, pid=run.pid))
         else:
-            run.on_started = lambda pid: self._report(slot, "start", dict(started, pid=pid))
+            run.on_started = lambda pid: self._started(slot, dict(started, pid=pid))
         run.done.addCallback(lambda result: ensureDeferred(self._ended(slot, result)))
         run.done.addErrback(lambda f: log.failure("the end of pulled job {key} was not reported", f, key=slot.key))
 
@@ -400,6 +444,7 @@ class WorkerAgent(Service):
         """The job's command has exited: its behaviours run here, where it ran (as wr's runners
         do), before its slot is free and its end reported. A run stopped because the job is no
         longer this worker's has no outcome of its own: no behaviours, its directory goes."""
+        slot.ended = True
         run = slot.run
         workspace = run.workspace if run is not None else None
         ours = result.kill_reason not in (STOPPED, FENCED)
@@ -438,6 +483,19 @@ class WorkerAgent(Service):
         else:
             self.stopping.add(key)
             slot.run.kill(reason)
+
+    def _started(self, slot: Slot, fields: dict[str, Any]) -> None:
+        """A start is reported with the next batch of reports, unless the job has ended by then:
+        its end says when it started, and a stream of short jobs then costs the manager one
+        report (and one write) per job rather than two."""
+        self._starts.append((slot, fields))
+        self.poke()
+
+    async def _keep_starts(self) -> None:
+        starts, self._starts = self._starts, []
+        for slot, fields in starts:
+            if not slot.ended:
+                await self.outbox.put(dict(fields, key=slot.key, attempt=slot.attempt, event="start"))
 
     def _report(self, slot: Slot, event: str, fields: dict[str, Any]) -> None:
         report = dict(fields, key=slot.key, attempt=slot.attempt, event=event)

@@ -9,8 +9,8 @@ Rules:
 - Leases are renewed by the worker's heartbeats. A worker silent for longer than `timeout` goes
   offline: its leases end, its jobs are lost and go back to the queue at once (retried elsewhere,
   or buried when their retries are spent), and it is listed as a bad server.
-- A worker asks "may I run" before it starts jobs it was given and after the manager comes back;
-  a heartbeat's reply names the jobs it runs without a lease (given away meanwhile: stop them)
+- A pull is the grant: the worker starts what it was given. It asks "may I run" for what it
+  runs after the manager comes back (and when it registers again); a heartbeat's reply names the jobs it runs without a lease (given away meanwhile: stop them)
   and the jobs to kill (killed or cancelled here).
 - A report (start, end) counts only for the lease it names (job key and attempt); any other is a
   stale one, acknowledged and ignored, so that a report delivered twice changes nothing.
@@ -309,7 +309,11 @@ class Workers(Service):
         # an idle worker of an idle manager heartbeats without pulling.
         return {"stop": [key for key in running if key not in worker.leases],
                 "kill": {key: run.kill_reason for key, run in worker.leases.items() if run.kill_reason},
-                "ready": self.queue.scheduler.waiting() if worker.enabled else 0}
+                "ready": self.ready(worker)}
+
+    def ready(self, worker: Worker) -> int:
+        """Whether a pull by this worker could find work: an upper bound (the ready groups' sizes)."""
+        return self.queue.scheduler.waiting() if worker.enabled else 0
 
     async def pull(self, name: str, session: str, cores: float, memory: int, slots: int,
                    most: int = 0, turn: Optional[Callable[[], Deferred[None]]] = None,
