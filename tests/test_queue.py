@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from wmgr.jobs import model, queue as queue_module, runner
+from wmgr.jobs import model, runner, upkeep as upkeep_module
 from wmgr.jobs.model import Job
 from wmgr.jobs.queue import JobQueue, QueuePolicy
 from wmgr.jobs.scheduler import Capacity
@@ -277,10 +277,10 @@ def test_time_limit_is_enforced(h: Harness, signals: list) -> None:
 def test_memory_limit_is_enforced(h: Harness, signals: list, monkeypatch: Any) -> None:
     (job,) = h.add({"cmd": "big", "memory": "100M"})
     h.settle()
-    monkeypatch.setattr(queue_module, "measure_trees", lambda pids: {pid: 105 for pid in pids})
+    monkeypatch.setattr(upkeep_module, "measure_trees", lambda pids: {pid: 105 for pid in pids})
     h.run(h.queue.sample())
     assert signals == [] and job.peak_ram == 105
-    monkeypatch.setattr(queue_module, "measure_trees", lambda pids: {pid: 111 for pid in pids})
+    monkeypatch.setattr(upkeep_module, "measure_trees", lambda pids: {pid: 111 for pid in pids})
     h.run(h.queue.sample())
     assert signals == [(job.pid, 15)]
     h.end("big", None, sig=15)

@@ -44,3 +44,9 @@ class QueuePolicy:
     def backoff(self, failures: int) -> float:
         delay = min(self.retry_cap, self.retry_base * 2 ** max(0, failures - 1))
         return delay + random.uniform(0, delay * self.retry_jitter)
+
+
+def limit_of(requested: float, expected: float) -> float:
+    """Limits are enforced at the larger of what was asked for and what is expected: learning may
+    lower what the scheduler reserves, but never stops a job below what its owner asked for."""
+    return max(requested, expected)

@@ -15,8 +15,9 @@ Rules this module keeps:
 
 This module holds the state machine alone: what may happen to a job and when. Its neighbours:
 journal.py (every store write, batched, and every SQL statement), recovery.py (what an earlier
-daemon left), reads.py (finding jobs), runner.py and launcher.py (processes), remote.py (runs on
-workers).
+daemon left), reads.py (finding jobs), runner.py and launcher.py (processes), and three mixins of
+JobQueue kept in modules of their own: actions.py (users' kill, retry, delete, modify...),
+upkeep.py (memory sampling, history pruning, applying recovery) and remote.py (runs on workers).
 """
 
 from __future__ import annotations
@@ -33,29 +34,27 @@ from twisted.logger import Logger
 
 from wmgr.errors import Conflict, InvalidRequest
 from wmgr.host import host_identity
-from wmgr.jobs import model, reads, recovery
+from wmgr.jobs import model, reads
 from wmgr.jobs.behaviours import asks_removal, behaviours_for, has_behaviours, run_behaviours
+from wmgr.jobs.actions import UserActions
 from wmgr.jobs.deps import DependencyIndex
-from wmgr.jobs.journal import Journal, dumps, row_to_job
+from wmgr.jobs.journal import Journal, row_to_job
 from wmgr.jobs.learning import ResourceLearner, memory_after_ram_failure
 from wmgr.jobs.limits import LimitGroups, parse_limit_groups
 from wmgr.jobs.model import Job, stored_json
 from wmgr.jobs.notices import Notices
-from wmgr.jobs.policy import QueuePolicy
+from wmgr.jobs.policy import QueuePolicy, limit_of
 from wmgr.jobs.remote import RemoteRuns
 from wmgr.jobs.runner import (
-    JobRun, Run, RunFiles, RunResult, measure_trees, prepare_workspace, remove_tmp, remove_workdir,
+    JobRun, Run, RunFiles, RunResult, prepare_workspace, remove_tmp, remove_workdir,
     spawn_in_session,
 )
 from wmgr.jobs.scheduler import Capacity, Scheduler
+from wmgr.jobs.upkeep import Upkeep
 from wmgr.store import Store
 
 log = Logger()
 
-# Fields of a queued job that PATCH may change. The command and its cwd make the key: changing
-# them is adding another job.
-MODIFIABLE = ("priority", "retries", "memory", "time", "cpus", "disk", "override", "limit_grps", "env",
-              "rep_grp", "req_grp", "on_failure", "on_success", "on_exit", "change_home")
 
 
 class Counters:
@@ -68,7 +67,7 @@ class Counters:
         self.started = self.completed = self.failed = 0
 
 
-class JobQueue(RemoteRuns, Service):
+class JobQueue(UserActions, Upkeep, RemoteRuns, Service):
     """Live jobs, their transitions, and the local runs that carry them out. A Service: started,
     it loads the live jobs and settles what an earlier daemon left (`ready` fires then); stopped,
     it starts nothing more and writes what it holds."""
@@ -366,109 +365,6 @@ class JobQueue(RemoteRuns, Service):
                         limit: int = 0) -> list[tuple[Job, int]]:
         return await reads.status_of(self.live, self.by_rep_grp, self.journal, ids, state, search, limit)
 
-    # -- acting on jobs ------------------------------------------------------------------------
-
-    async def kill(self, jobs: list[Job]) -> list[Job]:
-        """Kill running jobs' process groups; they end buried ("killed by user request")."""
-        affected = []
-        for job in jobs:
-            run = self.runs.get(job.key)
-            if run is not None and job.state in model.ACTIVE_STATES:
-                run.kill(model.FAIL_KILLED)
-                affected.append(job)
-        return affected
-
-    async def confirm_lost(self, jobs: list[Job]) -> list[Job]:
-        """Lost jobs really are gone: release them, to be retried or buried as retries allow."""
-        affected = [job for job in jobs if job.state == model.LOST and self.live.get(job.key) is job]
-        for job in affected:
-            self._failed(job, model.FAIL_LOST)
-            self.counters.failed -= 1  # counted when the run was lost
-        if affected:
-            await self._save(affected, strict=True, durable=True)
-            self._reschedule()
-        return affected
-
-    async def retry(self, jobs: list[Job]) -> list[Job]:
-        """Buried jobs go back to the queue with their retries renewed."""
-        affected = [job for job in jobs if job.state == model.BURIED and self.live.get(job.key) is job]
-        for job in affected:
-            job.failures = 0
-            job.kill_reason = ""
-            self._make_ready(job, save=False)
-        if affected:
-            await self._save(affected, strict=True, durable=True)
-            self._reschedule()
-        return affected
-
-    async def delete(self, jobs: list[Job]) -> list[Job]:
-        """Remove jobs that are neither running nor complete. A job that others wait for is
-        refused (409, nothing deleted) unless those others are deleted with it."""
-        doomed = {job.key: job for job in jobs
-                  if self.live.get(job.key) is job and job.state not in model.ACTIVE_STATES
-                  and job.state != model.COMPLETE}
-        if not doomed:
-            return []
-        refused = {}
-        for job in doomed.values():
-            outside = [key for key in self.deps.dependants(job) if key not in doomed]
-            if outside:
-                refused[job.key] = outside
-        if refused:
-            key, waiting = next(iter(refused.items()))
-            raise Conflict(f"job {key} cannot be deleted: {len(waiting)} job(s) depend on it "
-                           f"(e.g. {waiting[0]}); delete them in the same request")
-        self.journal.flush()  # so that `stored` below is what the store has
-        items = [(job.key, job.stored) for job in doomed.values()]
-        await self.journal.delete(items)
-        released: set[str] = set()
-        for job in doomed.values():
-            released |= self.deps.dependants(job)
-            self._unindex(job)
-            job.state = model.DELETED
-        self._release_waiting(released)
-        return list(doomed.values())
-
-    async def forget(self, jobs: list[Job]) -> list[Job]:
-        """Remove jobs that are not running, completed ones from the history too (pman's
-        DBctl clear). As with delete, a job others wait for is refused unless they go too."""
-        completed = [job for job in jobs if job.state == model.COMPLETE and job.key not in self.live]
-        removed = await self.delete([job for job in jobs if job.state != model.COMPLETE])
-        if completed:
-            items = [(job.key, job.stored) for job in completed]
-            await self.journal.delete(items)
-            for job in completed:
-                job.state = model.DELETED
-        return removed + completed
-
-    async def modify(self, jobs: list[Job], changes: dict[str, Any]) -> list[Job]:
-        """PATCH: change properties of queued jobs (not running, not complete)."""
-        unknown = set(changes) - set(MODIFIABLE)
-        if unknown:
-            raise InvalidRequest(f"these properties cannot be modified: {', '.join(sorted(unknown))}")
-        parsed = {name: model.PARSERS[name](value) for name, value in changes.items()}
-        limits: dict[str, int] = {}
-        if "limit_grps" in parsed:
-            parsed["limit_grps"], limits = parse_limit_groups(parsed["limit_grps"])
-        affected = [job for job in jobs if self.live.get(job.key) is job
-                    and job.state not in model.ACTIVE_STATES and job.state != model.COMPLETE]
-        if not affected:
-            return []
-        for job in affected:
-            spec = dict(job.spec)
-            spec.update(parsed)
-            model.normalise(spec)
-            self._unindex(job)
-            job.spec = spec
-            self._learn_expectations(job)
-            self._index(job)
-        for name, limit in limits.items():
-            self.limits.set_limit(name, limit)
-        specs = [(dumps(job.spec), job.key) for job in affected]
-        await self._save(affected, specs=specs, limits=limits, strict=True, durable=True)
-        self._reschedule()
-        return affected
-
     # -- transitions ---------------------------------------------------------------------------
 
     def _make_ready(self, job: Job, save: bool = True) -> None:
@@ -561,7 +457,7 @@ class JobQueue(RemoteRuns, Service):
             return
         max_time = None
         if self.policy.enforce_limits and job.spec["time"] > 0:
-            max_time = _limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
+            max_time = limit_of(job.spec["time"], job.expected_time) * (1 + self.policy.time_margin)
         run = JobRun(self._reactor, RunFiles(self.run_dir, job.key, job.attempts + 1), workspace, job.spec["cmd"],
                      output_limit=self.policy.output_limit, kill_grace=self.policy.kill_grace,
                      spawn=self._spawn, max_time=max_time, remove_workdir=not has_behaviours(job.spec))
@@ -714,82 +610,6 @@ class JobQueue(RemoteRuns, Service):
     def _save(self, jobs: list[Job], **kw: Any) -> Deferred[None]:
         return self.journal.save(jobs, **kw)
 
-    # -- sampling ------------------------------------------------------------------------------
-
-    async def sample(self) -> None:
-        """Measure the memory of every running job's process tree (in a thread), stop runs over
-        their memory limit, and notice adopted processes that have gone."""
-        runs = dict(self.runs)
-        if not runs:
-            return
-        runs = {key: run for key, run in runs.items() if run.pid}
-        sizes = await self._in_thread(measure_trees, [run.pid for run in runs.values()])
-        for key, run in runs.items():
-            size = sizes.get(run.pid)
-            job = self.live.get(key)
-            if size is None:
-                run.gone()  # adopted runs, and runs whose launcher died, learn their end so
-                continue
-            run.peak_ram = max(run.peak_ram, size)
-            if job is None:
-                continue
-            job.peak_ram = max(job.peak_ram, size)
-            if self.policy.enforce_limits and size > _limit_of(job.spec["memory"], job.memory) * (1 + self.policy.memory_margin):
-                log.info("job {key} uses {size} MB, over its {memory} MB: stopping it",
-                         key=key, size=size, memory=job.memory)
-                run.kill(model.FAIL_RAM)
-
-    # -- history -------------------------------------------------------------------------------
-
-    async def prune(self) -> int:
-        """Remove completed jobs past the configured age or count; return how many went."""
-        policy = self.policy
-        if not policy.history_max_age and not policy.history_max_count:
-            return 0
-        cutoff = self._reactor.seconds() - policy.history_max_age if policy.history_max_age else None
-        total = await self.journal.prune(cutoff, policy.history_max_count)
-        if total:
-            log.info("pruned {count} completed jobs from the history", count=total)
-        return total
-
-    # -- recovery after a restart --------------------------------------------------------------
-
-    async def _recover(self) -> None:
-        """Settle every job an earlier daemon may have started (see recovery.py): mark lost the
-        ones that never ran, adopt the ones still running, record the end of the others."""
-        # Jobs a worker runs (HostID: the worker's registration) left no files here.
-        remote = {key: job for key, job in self.live.items() if job.state in model.ACTIVE_STATES and job.host_id}
-        local = {key: job for key, job in self.live.items() if key not in remote} if remote else self.live
-        settlement = await recovery.survey(self.run_dir, local, self._reactor, self._in_thread)
-        self._take_back_remote(remote.values())
-        for job in settlement.lost:
-            job.state, job.fail_reason = model.LOST, model.FAIL_LOST
-            self.counters.failed += 1
-            self._save([job])
-        for adoption in settlement.adopted:
-            job = adoption.job
-            job.attempts = adoption.attempt
-            self._cancel_delay(job)
-            self.scheduler.take(job)
-            self.limits.take(job.spec.get("limit_grps") or ())
-            run = recovery.adopted_run(adoption, self.policy, self._reactor)
-            job.state = model.RUNNING
-            job.started = adoption.started
-            job.pid = adoption.ran_as
-            job.host, job.host_ip = self.host, self.host_ip  # its run directory is this host's
-            self.runs[job.key] = run
-            self._follow(job, run)
-            if run.pid:
-                log.info("adopted job {key} (pid {pid}) left running by an earlier daemon", key=job.key, pid=run.pid)
-                self._save([job])
-            else:
-                run.gone()
-
-
-def _limit_of(requested: float, expected: float) -> float:
-    """Limits are enforced at the larger of what was asked for and what is expected: learning may
-    lower what the scheduler reserves, but never stops a job below what its owner asked for."""
-    return max(requested, expected)
 
 
 def _is_ready(job: Job) -> bool:

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from wmgr.errors import Conflict, NotFound
 from wmgr.jobs.model import Job
+from wmgr.jobs.policy import limit_of
 from wmgr.jobs.runner import RunResult
 from wmgr.jobs.scheduler import Capacity
 
@@ -482,9 +483,9 @@ class Workers(Service):
         max_time = memory_limit = None
         if policy.enforce_limits:
             if spec["time"] > 0:
-                max_time = max(spec["time"], job.expected_time) * (1 + policy.time_margin)
+                max_time = limit_of(spec["time"], job.expected_time) * (1 + policy.time_margin)
             if spec["memory"] > 0:
-                memory_limit = max(spec["memory"], job.memory) * (1 + policy.memory_margin)
+                memory_limit = limit_of(spec["memory"], job.memory) * (1 + policy.memory_margin)
         return {"key": job.key, "attempt": run.attempt, "spec": spec, "cores": job.cores, "memory": job.memory,
                 "max_time": max_time, "memory_limit": memory_limit}
 
