@@ -171,6 +171,34 @@ def test_a_job_runs_and_completes(h: Harness) -> None:
     assert h.queue.state_counts()[model.COMPLETE] == 1 and h.queue.state_counts()[model.RUNNING] == 0
 
 
+def test_a_job_completing_while_its_group_is_read_is_still_found(h: Harness) -> None:
+    """A read of a rep group takes the store's answer in a thread; a job whose completion commits
+    meanwhile leaves the live index then. It must be found all the same (CI once saw pman's
+    `done` miss a job this way)."""
+    jobs = h.add({"cmd": "first", "rep_grp": "g"}, {"cmd": "second", "rep_grp": "g"})
+    h.settle()
+    h.end("first")
+    held: list[tuple[Deferred[Any], Any]] = []
+    real_read = h.store.read
+
+    def slow_read(operation: Any) -> Deferred[Any]:
+        # The read runs now, its answer arrives later (as from a thread).
+        d: Deferred[Any] = Deferred()
+        held.append((d, operation(h.store.conn)))
+        return d
+
+    h.store.read = slow_read  # type: ignore[method-assign]
+    reading = ensureDeferred(h.queue.select(["g"]))
+    h.store.read = real_read  # type: ignore[method-assign]
+    h.end("second")  # committed, unindexed, while the read is out
+    assert jobs[1].key not in h.queue.live
+    (d, answer), = held
+    d.callback(answer)
+    found: list[Any] = []
+    reading.addCallback(found.append)
+    assert sorted(job.spec["cmd"] for job in found[0]) == ["first", "second"]
+
+
 def test_retries_back_off_exactly_then_bury(h: Harness) -> None:
     (job,) = h.add({"cmd": "false", "retries": 2})
     h.settle()

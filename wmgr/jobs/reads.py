@@ -33,20 +33,27 @@ async def status_of(live: dict[str, Job], by_rep_grp: dict[str, dict[str, None]]
     store's counters, never scanned."""
     keys = [i for i in ids if model.is_key(i)]
     want_history = state in (None, model.COMPLETE)
+    # Live matches are taken before the store is read: a job whose completion commits while the
+    # read runs leaves `live` then, and would otherwise be found in neither place.
+    from_live: list[tuple[str, Optional[Job], list[Job]]] = []
+    for ident in ids:
+        job = live.get(ident) if model.is_key(ident) else None
+        members: list[Job] = []
+        if job is None:
+            groups = [g for g in by_rep_grp if ident in g] if search else [ident] if ident in by_rep_grp else []
+            members = [live[key] for group in groups for key in by_rep_grp[group]]
+        from_live.append((ident, job, members))
     history = await journal.history(keys, ids, search, limit, want_history)
     found: dict[str, Job] = {}
-    for ident in ids:
-        if model.is_key(ident):
-            job = live.get(ident) or history["keys"].get(ident)
-            if job is not None:
-                found[job.key] = job
-                continue
-        groups = [g for g in by_rep_grp if ident in g] if search else [ident] if ident in by_rep_grp else []
-        for group in groups:
-            for key in by_rep_grp.get(group, ()):
-                job = live[key]
-                if state is None or matches_state(job, state):
-                    found.setdefault(key, job)
+    for ident, job, members in from_live:
+        if job is None and model.is_key(ident):
+            job = history["keys"].get(ident)
+        if job is not None:
+            found[job.key] = job
+            continue
+        for job in members:
+            if state is None or matches_state(job, state):
+                found.setdefault(job.key, job)
     found_live = list(found.values())
     if not limit:
         stored = [job for job in history["jobs"] if job.key not in found]
