@@ -3,6 +3,7 @@ raise fails that job alone, with its reason, and the launcher goes on starting t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,28 @@ async def test_what_an_earlier_run_left_in_the_run_files_is_not_this_ones(
         Path(path).write_text("old output of an earlier run, longer than the new\n")
     out, _ = await run_job(launcher, reactor, tmp_path, "two", "echo new")
     assert out == "new\n" and Path(request["stdio"][2]).read_text() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_status_file_is_an_empty_spare_until_the_job_writes_it(
+        launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
+    """The shell writes the status at the job's end into a file that is already there: the last
+    run's, emptied, put in place of what an earlier run left, with a fresh modification time (it
+    stands for the run's start when recovery finds no stored one)."""
+    first_rc = job_request(tmp_path, "one")["fresh"]
+    first, _ = await run_job(launcher, reactor, tmp_path, "one", f"echo 0 $$ > {first_rc}; stat -c %i {first_rc}")
+
+
+    async def kept() -> bool:  # taken as a spare (the removal goes a reactor turn later)
+        return not Path(first_rc).exists()
+
+    await until(reactor, kept, timeout=10)
+    second_rc = job_request(tmp_path, "two")["fresh"]
+    Path(second_rc).write_text("0 999\n")  # an earlier run's status, not this one's
+    before = time.time()
+    second, _ = await run_job(launcher, reactor, tmp_path, "two", f"stat -c '%i %s %Y' {second_rc}")
+    inode, size, mtime = second.split()
+    assert inode == first.strip() and size == "0" and int(mtime) >= int(before)
 
 
 @pytest_twisted.ensureDeferred

@@ -189,6 +189,8 @@ async def test_no_status_file_when_killed_by_a_signal(reactor: Any, tmp_path: Pa
     assert result.stdout == "before\n"
     assert not Path(files.rc).exists()
     assert files.exit_status() is None
+    Path(files.rc).write_text("")  # as the launcher leaves it (an empty spare in its place)
+    assert files.exit_record() == (None, 0)
 
 
 @pytest_twisted.ensureDeferred

@@ -12,8 +12,8 @@ on; the runs it had started are then watched by pid and settled from their statu
 new launcher takes over new starts.
 
 It also does the per-job file work that needs nothing of the daemon's state, so that the
-reactor does not: it makes the job's directories, removes a status file left by an earlier
-attempt, reads the bounded output once the job has ended (sent with its end), and removes the
+reactor does not: it makes the job's directories, replaces a status file left by an earlier
+attempt with an empty one, reads the bounded output once the job has ended (sent with its end), and removes the
 job's directory, and later (once the daemon has committed the end) its run files. What it would
 remove it keeps, emptied, for the next jobs when nothing can still reach it, and renames it into
 place instead of making new directories and files (wmgr.jobs.spares: on this machine's ext4 a new
@@ -243,11 +243,14 @@ def main() -> None:
             if make:
                 make_job_dirs(*make, spare=spare_dirs.take(make[0]))
             if "fresh" in request:
-                # A status file left by an earlier run must not be taken for this one's.
-                try:
-                    os.unlink(request["fresh"])
-                except FileNotFoundError:
-                    pass
+                # A status file left by an earlier run must not be taken for this one's: an empty
+                # spare replaces it (the shell's `>` at the job's end then makes no inode, and
+                # empty reads as "not ended"), or it goes.
+                if not spare_files.place(request["fresh"]):
+                    try:
+                        os.unlink(request["fresh"])
+                    except FileNotFoundError:
+                        pass
                 # A spare (empty) there saves an inode; else what an earlier run left goes. Either
                 # way the child need not truncate: on ext4 a truncate marks the file to be written
                 # out when it is closed (auto_da_alloc), a block allocation and a write per job.

@@ -36,8 +36,9 @@ log = Logger()
 
 # The wrapper runs the command in the same shell (one exec per job, which matters for throughput)
 # and records the status, and its own pid (the job's), with an EXIT trap, which runs on a normal
-# end and on `exit N` alike. A job killed by a signal leaves no status file: its absence means
-# "did not finish by itself". The pid lets a restarted daemon say which process ran a job whose
+# end and on `exit N` alike. A job killed by a signal leaves no status file, or an empty one (the
+# launcher puts an empty spare in its place before the start): either means "did not finish by
+# itself". The pid lets a restarted daemon say which process ran a job whose
 # start it never recorded.
 WRAPPER = (
     'cd -- "$1" || exit 1; _wmgr_rc=$2; _wmgr_cmd=$3; set --; '
@@ -194,7 +195,8 @@ class RunFiles:
         return self.exit_record()[0]
 
     def exit_record(self) -> tuple[Optional[int], int]:
-        """(exit status, pid of the job) from the status file; (None, 0) when there is none."""
+        """(exit status, pid of the job) from the status file; (None, 0) when there is none or
+        it is empty (the job has not ended, or did not end by itself)."""
         try:
             with open(self.rc) as f:
                 fields = f.read().split()

@@ -20,7 +20,8 @@ job's output) and it has no other link. Anything else is removed as before.
 Spares are named `.wmgr-spare.<launcher pid>.<n>` next to what they replace (in the job
 directory base, in the run directory), which recovery's scan of the run directory ignores; a
 launcher that has had nothing running for a moment (launcher.IDLE_SECONDS), and one that exits,
-removes its spares. A run's stdout and stderr are renamed into place just before its spawn: a
+removes its spares. A run's stdout, stderr and status file are renamed into place just before its
+spawn (the status file empty, which reads as "not ended" as its absence did): a
 launcher killed in between leaves the files of a run that never started, which recovery takes
 for a lost run, as it takes one whose launcher died before reporting it started.
 """
@@ -102,8 +103,8 @@ class SpareDirs:
 
 
 class SpareFiles:
-    """Finished runs' files (emptied), by directory: the next runs' stdout and stderr are renamed
-    from them, so the child's open(O_CREAT) finds a file and makes no inode."""
+    """Finished runs' files (emptied), by directory: the next runs' stdout, stderr and status file
+    are renamed from them, so the child's open(O_CREAT) finds a file and makes no inode."""
 
     def __init__(self, limit: int = FILE_LIMIT) -> None:
         self._spares: dict[str, list[str]] = {}
@@ -118,9 +119,12 @@ class SpareFiles:
         while pool:
             try:
                 os.rename(pool.pop(), path)
-                return True
             except OSError:
                 continue  # a spare removed by someone else: try the next
+            # A rename keeps the spare's old times; recovery takes the earliest of a run's files'
+            # as its start when the start was never stored (RunFiles.created).
+            os.utime(path)
+            return True
         return False
 
     def remove(self, paths: list[str]) -> list[tuple[str, OSError]]:
