@@ -13,6 +13,8 @@ from twisted.internet.defer import Deferred
 
 from tests.harness import until
 from wmgr.jobs.launcher import Launcher, LauncherPool
+from wmgr.jobs.runner import WRAPPER
+from wmgr.jobs.spares import STATUS_BLANK, STATUS_WIDTH
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -228,13 +230,14 @@ async def test_what_an_earlier_run_left_in_the_run_files_is_not_this_ones(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_status_file_is_an_empty_spare_until_the_job_writes_it(
+async def test_a_status_file_is_a_blank_spare_until_the_job_writes_it(
         launcher: Launcher, reactor: Any, tmp_path: Path) -> None:
     """The shell writes the status at the job's end into a file that is already there: the last
-    run's, emptied, put in place of what an earlier run left, with a fresh modification time (it
-    stands for the run's start when recovery finds no stored one)."""
+    run's, blanked (its block kept), put in place of what an earlier run left, with a fresh
+    modification time (it stands for the run's start when recovery finds no stored one)."""
     first_rc = job_request(tmp_path, "one")["fresh"]
-    first, _ = await run_job(launcher, reactor, tmp_path, "one", f"echo 0 $$ > {first_rc}; stat -c %i {first_rc}")
+    write_status = WRAPPER.split("trap '", 1)[1].split("' EXIT", 1)[0].replace("$_wmgr_rc", first_rc)
+    first, _ = await run_job(launcher, reactor, tmp_path, "one", f"{write_status}; stat -c %i {first_rc}")
 
 
     async def kept() -> bool:  # taken as a spare (the removal goes a reactor turn later)
@@ -244,9 +247,11 @@ async def test_a_status_file_is_an_empty_spare_until_the_job_writes_it(
     second_rc = job_request(tmp_path, "two")["fresh"]
     Path(second_rc).write_text("0 999\n")  # an earlier run's status, not this one's
     before = time.time()
-    second, _ = await run_job(launcher, reactor, tmp_path, "two", f"stat -c '%i %s %Y' {second_rc}")
-    inode, size, mtime = second.split()
-    assert inode == first.strip() and size == "0" and int(mtime) >= int(before)
+    second, _ = await run_job(launcher, reactor, tmp_path, "two", f"stat -c '%i %s %Y' {second_rc}; cat {second_rc}")
+    facts, blank = second.split("\n", 1)
+    inode, size, mtime = facts.split()
+    assert inode == first.strip() and size == str(STATUS_WIDTH) and int(mtime) >= int(before)
+    assert blank == STATUS_BLANK.decode()
 
 
 @pytest_twisted.ensureDeferred

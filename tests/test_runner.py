@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from wmgr.jobs.runner import (
     ARGV0, SHELL, WRAPPER, JobRun, RunFiles, RunResult, Workspace, prepare_workspace, read_bounded,
     spawn_in_session,
 )
+from wmgr.jobs.spares import STATUS_BLANK, STATUS_WIDTH
 
 KEY = "ea4266bc0fc7dd493caeb2fff1963e4a"
 WAIT = 10.0  # a bound on waiting for a real process, never a fixed sleep
@@ -174,7 +176,7 @@ async def test_exit_status_file(reactor: Any, tmp_path: Path, cmd: str, code: in
     result = await bounded(run.done)
     assert result.exitcode == code
     assert result.signal is None
-    assert Path(files.rc).read_text() == f"{code} {run.pid}\n"  # the status, and who ran
+    assert Path(files.rc).read_text() == f"{code} {run.pid}".ljust(STATUS_WIDTH - 1) + "\n"  # the status, and who ran
     assert files.exit_status() == code
 
 
@@ -189,8 +191,9 @@ async def test_no_status_file_when_killed_by_a_signal(reactor: Any, tmp_path: Pa
     assert result.stdout == "before\n"
     assert not Path(files.rc).exists()
     assert files.exit_status() is None
-    Path(files.rc).write_text("")  # as the launcher leaves it (an empty spare in its place)
-    assert files.exit_record() == (None, 0)
+    for blank in ("", STATUS_BLANK.decode()):  # as the launcher leaves it (a spare in its place)
+        Path(files.rc).write_text(blank)
+        assert files.exit_record() == (None, 0)
 
 
 @pytest_twisted.ensureDeferred
@@ -543,3 +546,22 @@ def test_a_base_removed_and_made_again_by_someone_else_is_not_written_into(tmp_p
     with pytest.raises(PermissionError):
         make_job_dirs(*ws.pending)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_recovery_finds_the_jobs_of_this_and_earlier_versions_by_their_command_line(tmp_path: Path) -> None:
+    """A restarted daemon (perhaps upgraded) knows its running jobs by the wrapper's arguments."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    started = {}
+    try:
+        for name, wrapper in (("k.1", WRAPPER), ("j.2", runner.EARLIER_WRAPPERS[0])):
+            argv = [SHELL, "-c", wrapper, ARGV0, str(tmp_path), str(run_dir / f"{name}.rc"), "sleep 30"]
+            started[name] = subprocess.Popen(argv)
+        other = subprocess.Popen([SHELL, "-c", WRAPPER, ARGV0, str(tmp_path), str(tmp_path / "x.1.rc"), "sleep 30"])
+        started["elsewhere"] = other
+        found = runner.find_job_processes(run_dir)
+        assert found == {"k.1": started["k.1"].pid, "j.2": started["j.2"].pid}
+    finally:
+        for process in started.values():
+            process.kill()
+            process.wait()

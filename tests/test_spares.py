@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from wmgr.jobs.launcher import make_job_dirs
-from wmgr.jobs.spares import SpareDirs, SpareFiles
+from wmgr.jobs.spares import STATUS_BLANK, STATUS_WIDTH, SpareDirs, SpareFiles
 
 
 def job_dirs(base: Path, name: str) -> tuple[str, str, str, str, str]:
@@ -107,6 +107,23 @@ def test_run_files_are_emptied_and_reused_for_the_next_runs_output(tmp_path: Pat
     assert new_out.exists() and new_out.stat().st_ino in inodes and new_out.read_text() == ""
     spares.clear()
     assert [p.name for p in tmp_path.iterdir()] == ["k.2.out"]
+
+
+def test_a_status_file_is_blanked_in_place_and_serves_only_as_a_status_file(tmp_path: Path) -> None:
+    """A status record is overwritten with blanks (its block kept: no truncate, no discard); an
+    output file is emptied. Neither is ever handed out as the other."""
+    spares = SpareFiles()
+    status, out = tmp_path / "k.1.rc", tmp_path / "k.1.out"
+    status.write_bytes(b"0 4242".ljust(STATUS_WIDTH - 1) + b"\n")
+    out.write_text("some output")
+    inode = status.stat().st_ino
+    assert spares.remove([str(status), str(out)]) == []
+    spares.place(str(tmp_path / "k.2.out"))
+    assert (tmp_path / "k.2.out").read_bytes() == b""
+    spares.place(str(tmp_path / "k.2.rc"))
+    placed = tmp_path / "k.2.rc"
+    assert placed.stat().st_ino == inode and placed.read_bytes() == STATUS_BLANK
+    assert not spares.place(str(tmp_path / "k.3.out"))  # the status spare was the last one
 
 
 def test_a_run_file_still_open_elsewhere_or_linked_is_removed_not_reused(tmp_path: Path) -> None:

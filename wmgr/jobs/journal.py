@@ -147,7 +147,9 @@ class Journal:
         changes = []
         for job in self._dirty.values():
             new = job.group_key
-            changes.append((new, job.stored, dumps(job.run_record()), job.stdout, job.stderr, job.key))
+            # The run's record is encoded in the store's thread: off the reactor, which only
+            # takes the (immutable) values.
+            changes.append((new, job.stored, job.run_values(), job.stdout, job.stderr, job.key))
             job.stored = new
         samples, specs, limits = self._dirty_samples, self._dirty_specs, self._dirty_limits
         waiters, durable = self._waiters, self._durable
@@ -294,7 +296,8 @@ def apply_changes(conn: sqlite3.Connection, changes: list[tuple[Any, ...]], samp
     conn.executemany(
         "UPDATE jobs SET rep_grp = ?, state = ?, exitcode = ?, fail_reason = ?, run = ?, stdout = ?, stderr = ?, "
         "updated = ? WHERE key = ?",
-        [(*new, run, stdout, stderr, now, key) for new, _, run, stdout, stderr, key in changes])
+        [(*new, dumps(model.run_record_of(run)), stdout, stderr, now, key)
+         for new, _, run, stdout, stderr, key in changes])
     deltas: Counter = Counter()
     for new, old, *_ in changes:
         if new != old:

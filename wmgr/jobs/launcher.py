@@ -471,10 +471,17 @@ class Launcher:
     def start(self) -> None:
         self._stopping = False
         self._protocol = LauncherProtocol(self)
-        self._reactor.spawnProcess(
+        transport = self._reactor.spawnProcess(
             self._protocol, sys.executable, [sys.executable, "-m", "wmgr.jobs.launcher"],
             env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"},
         )
+        # Twisted watches a child's stdin pipe for readability between writes, to notice the
+        # child closing it (ProcessWriter.enableReadHack): two epoll_ctl calls more each time
+        # requests are written. The launcher's end is known from its stdout and its exit.
+        writer = getattr(transport, "pipes", {}).get(0)
+        if getattr(writer, "enableReadHack", False):
+            writer.enableReadHack = False
+            writer.stopReading()
 
     def stop(self) -> None:
         """Close the launcher's stdin: it exits, and the jobs it started carry on."""

@@ -521,6 +521,11 @@ _RUN_NAMES = tuple(RUN_FIELDS)
 _run_values = operator.attrgetter(*RUN_FIELDS)
 
 
+def run_record_of(values: tuple[Any, ...]) -> dict[str, Any]:
+    """The persisted "run" record from Job.run_values()."""
+    return dict(zip(_RUN_NAMES, values))
+
+
 class Job:
     """One job of the queue: its definition, its state, and what its latest run produced."""
 
@@ -581,7 +586,12 @@ class Job:
         return (self.spec["rep_grp"], self.state, self.exitcode, self.fail_reason)
 
     def run_record(self) -> dict[str, Any]:
-        return dict(zip(_RUN_NAMES, _run_values(self)))
+        return run_record_of(_run_values(self))
+
+    def run_values(self) -> tuple[Any, ...]:
+        """RUN_FIELDS' values now, as a tuple (all immutable): a snapshot that another thread
+        may turn into the record (run_record_of) while the job goes on changing."""
+        return _run_values(self)
 
     def restore_run(self, record: Mapping[str, Any]) -> None:
         for name, value in record.items():

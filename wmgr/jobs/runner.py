@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 
 from wmgr.jobs.launcher import make_job_dirs, read_bounded, stdio_actions  # read_bounded: re-exported
+from wmgr.jobs.spares import STATUS_WIDTH
 from wmgr.jobs.model import FAIL_TIME  # the reason a time limit gives (re-exported)
 
 log = Logger()
@@ -36,13 +37,21 @@ log = Logger()
 
 # The wrapper runs the command in the same shell (one exec per job, which matters for throughput)
 # and records the status, and its own pid (the job's), with an EXIT trap, which runs on a normal
-# end and on `exit N` alike. A job killed by a signal leaves no status file, or an empty one (the
-# launcher puts an empty spare in its place before the start): either means "did not finish by
+# end and on `exit N` alike. A job killed by a signal leaves no status file, or a blank one (the
+# launcher puts a blank spare in its place before the start): either means "did not finish by
 # itself". The pid lets a restarted daemon say which process ran a job whose
 # start it never recorded.
+# The record is written over the file in place (`1<>`: no truncation) at a fixed width: the
+# launcher puts a blank one there before the start (spares.STATUS_BLANK), and keeps the file's
+# block from one run to the next.
 WRAPPER = (
     'cd -- "$1" || exit 1; _wmgr_rc=$2; _wmgr_cmd=$3; set --; '
-    "trap 'echo $? $$ > \"$_wmgr_rc\"' EXIT; eval \"$_wmgr_cmd\""
+    f"trap 'printf \"%-{STATUS_WIDTH - 1}s\\n\" \"$? $$\" 1<> \"$_wmgr_rc\"' EXIT; eval \"$_wmgr_cmd\""
+)
+# What earlier versions ran (echo, truncating): recovery still knows their jobs after an upgrade.
+EARLIER_WRAPPERS = (
+    'cd -- "$1" || exit 1; _wmgr_rc=$2; _wmgr_cmd=$3; set --; '
+    "trap 'echo $? $$ > \"$_wmgr_rc\"' EXIT; eval \"$_wmgr_cmd\"",
 )
 SHELL = "/bin/sh"
 ARGV0 = "wmgr-job"
@@ -196,7 +205,7 @@ class RunFiles:
 
     def exit_record(self) -> tuple[Optional[int], int]:
         """(exit status, pid of the job) from the status file; (None, 0) when there is none or
-        it is empty (the job has not ended, or did not end by itself)."""
+        it is blank (the job has not ended, or did not end by itself)."""
         try:
             with open(self.rc) as f:
                 fields = f.read().split()
@@ -598,7 +607,8 @@ def find_job_processes(run_dir: Path) -> dict[str, int]:
     found: dict[str, int] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = proc.info.get("cmdline") or []
-        if len(cmdline) >= 7 and cmdline[2] == WRAPPER and cmdline[5].startswith(prefix):
+        if len(cmdline) >= 7 and (cmdline[2] == WRAPPER or cmdline[2] in EARLIER_WRAPPERS) and (
+                cmdline[5].startswith(prefix)):
             name = os.path.basename(cmdline[5])
             if name.endswith(".rc"):
                 found[name[:-3]] = proc.info["pid"]

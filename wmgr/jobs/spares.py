@@ -21,7 +21,7 @@ Spares are named `.wmgr-spare.<launcher pid>.<n>` next to what they replace (in 
 directory base, in the run directory), which recovery's scan of the run directory ignores; a
 launcher that has had nothing running for a moment (launcher.IDLE_SECONDS), and one that exits,
 removes its spares. A run's stdout, stderr and status file are renamed into place just before its
-spawn (the status file empty, which reads as "not ended" as its absence did): a
+spawn (the status file blank, which reads as "not ended" as its absence did): a
 launcher killed in between leaves the files of a run that never started, which recovery takes
 for a lost run, as it takes one whose launcher died before reporting it started.
 """
@@ -102,12 +102,22 @@ class SpareDirs:
                 shutil.rmtree(pool.pop(), ignore_errors=True)
 
 
+# A run's status file holds one fixed-width record (runner.WRAPPER writes it in place, without
+# truncating); blank, it says the run has not ended. A spare status file is blanked, not emptied:
+# freeing its block (with the root filesystem's `discard`, a synchronous discard) and allocating
+# one again at the next write cost more than the job's own shell did.
+STATUS_SUFFIX = ".rc"
+STATUS_WIDTH = 24
+STATUS_BLANK = b" " * (STATUS_WIDTH - 1) + b"\n"
+
+
 class SpareFiles:
-    """Finished runs' files (emptied), by directory: the next runs' stdout, stderr and status file
-    are renamed from them, so the child's open(O_CREAT) finds a file and makes no inode."""
+    """Finished runs' files (emptied; a status file blanked), by directory: the next runs'
+    stdout, stderr and status file are renamed from them, so the child's open(O_CREAT) finds a
+    file and makes no inode. Status files and output files are kept apart."""
 
     def __init__(self, limit: int = FILE_LIMIT) -> None:
-        self._spares: dict[str, list[str]] = {}
+        self._spares: dict[tuple[str, bool], list[str]] = {}
         self._names = itertools.count()
         self._prefix = f".wmgr-spare.{os.getpid()}."
         self._limit = limit
@@ -115,7 +125,7 @@ class SpareFiles:
     def place(self, path: str) -> bool:
         """Put an (empty) spare of path's directory at `path`, replacing what is there; False:
         there was none."""
-        pool = self._spares.get(os.path.dirname(path))
+        pool = self._spares.get((os.path.dirname(path), path.endswith(STATUS_SUFFIX)))
         while pool:
             try:
                 os.rename(pool.pop(), path)
@@ -144,7 +154,8 @@ class SpareFiles:
 
     def _keep(self, path: str) -> bool:
         directory = os.path.dirname(path)
-        pool = self._spares.setdefault(directory, [])
+        status = path.endswith(STATUS_SUFFIX)
+        pool = self._spares.setdefault((directory, status), [])
         if len(pool) >= self._limit:
             return False
         try:
@@ -159,7 +170,9 @@ class SpareFiles:
             # can still write into it.
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
             try:
-                if info.st_size:
+                if status and info.st_size == STATUS_WIDTH:
+                    os.pwrite(fd, STATUS_BLANK, 0)
+                elif info.st_size:
                     os.ftruncate(fd, 0)
             finally:
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
