@@ -1,6 +1,6 @@
 """CPU per job of the launchers and the hand-off to them, without the daemon (diagnosis, not a target).
 
-    python bench/launcher_cost.py [--jobs 5000] [--slots 16] [--launchers 2] [--smoke]
+    python bench/launcher_cost.py [--jobs 5000] [--slots 16] [--launchers 2] [--warm] [--smoke]
 
 Runs jobs `true #<i>` the way the daemon's queue does -- a LauncherPool, one JobRun per job with
 its unique workspace (made and removed by the launchers), its run files read and removed by them
@@ -49,6 +49,12 @@ async def main(reactor, opts) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="wmgr-launcher-cost-", dir=opts.dir))
     run_dir = Path(tempfile.mkdtemp(prefix="wmgr-launcher-cost-runs-", dir=opts.run_dir)) if opts.run_dir else tmp / "runs"
     run_dir.mkdir(exist_ok=True)
+    if opts.warm:
+        # Every job directory's parents made first (wr_cwd/<k0>/<k1>/<k2>, 4,096): the figure is
+        # then a long-running daemon's, without the one-off cost of a new cwd (on ext4, a new
+        # directory can cost more than a job).
+        for name in (f"{n:03x}" for n in range(4096)):
+            os.makedirs(tmp / "wr_cwd" / name[0] / name[1] / name[2])
     pool = LauncherPool(reactor, opts.launchers)
     pool.start()
     await deferLater(reactor, 0.5)  # the launchers' interpreters start
@@ -114,6 +120,8 @@ if __name__ == "__main__":
     parser.add_argument("--launchers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dir", default=None, help="where the jobs' directories and run files go (default: $TMPDIR)")
     parser.add_argument("--run-dir", default=None, help="where the run files go (default: in --dir)")
+    parser.add_argument("--warm", action="store_true",
+                        help="make the job directories' parent directories before the timing starts")
     parser.add_argument("--smoke", action="store_true")
     options = parser.parse_args()
     if options.smoke:

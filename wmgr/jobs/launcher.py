@@ -13,11 +13,12 @@ new launcher takes over new starts.
 
 It also does the per-job file work that needs nothing of the daemon's state, so that the
 reactor does not: it makes the job's directories, replaces a status file left by an earlier
-attempt with an empty one, reads the bounded output once the job has ended (sent with its end), and removes the
-job's directory, and later (once the daemon has committed the end) its run files. What it would
-remove it keeps, emptied, for the next jobs when nothing can still reach it, and renames it into
-place instead of making new directories and files (wmgr.jobs.spares: on this machine's ext4 a new
-inode had come to cost more CPU than the job).
+attempt with a blank one, reads the bounded output once the job has ended (sent with its end),
+and removes the job's directory, and later (once the daemon has committed the end) its run files.
+What it would remove it keeps, emptied, for the next jobs when nothing can still reach it, and
+renames it into place instead of making new directories and files (wmgr.jobs.spares: on this
+machine's ext4 a new inode had come to cost more CPU than the job). It runs in one thread
+(LauncherLoop), woken by requests and by SIGCHLD.
 
 Requests:  {"id": 7, "argv": [...], "env": {...} | null, "extra": {...}, "stdio": [in, out, err],
             "fresh": rc, "read": limit, "make": [...], "remove": dir}   ("fresh" and after optional)
@@ -33,11 +34,14 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import stat
 import signal
 import sys
 import threading
+import time
+from queue import SimpleQueue
 from types import SimpleNamespace
 from typing import Any, Iterable, Optional
 
@@ -141,112 +145,132 @@ def _unlink_all(paths: list[str]) -> None:
 def main() -> None:
     """The launcher's own loop (runs in the child process)."""
     os.setsid()  # a terminal's Ctrl-C for the daemon is not ours: the daemon closes our stdin
-    ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
-    base_env = dict(os.environ)
-    out = sys.stdout.buffer
-    lock = threading.Lock()
-    children = threading.Condition()
-    running = [0]
-    # pid -> (the directory to remove once it has ended, and when the launcher made it: its
-    # (base, parent, root, cwd, tmp), so that it may be kept as a spare)
-    removals: dict[int, tuple[str, Optional[list[str]]]] = {}
-    spare_dirs, spare_files = SpareDirs(), SpareFiles()
-    outputs: dict[int, tuple[str, str, int]] = {}  # pid -> (stdout, stderr, limit) to read at its end
-    # Jobs that must not outlive the daemon (a worker's pulled jobs: once the worker is gone the
-    # manager gives them to another, so one left running here would run twice at once).
-    tied: set[int] = set()
+    LauncherLoop().run()
 
-    # Events wait here (under `lock`) and are written together: the starts of one batch of
-    # requests in one write, the ends reaped together in one. Each write wakes the daemon's
-    # reactor for a turn of its own, so fewer writes are less of its time per job.
-    pending: list[bytes] = []
 
-    def emit(event: dict[str, Any]) -> None:
-        pending.append(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+def _no_op(signum: int, frame: Any) -> None:
+    """SIGCHLD's handler: its only work is the byte the signal writes to the wakeup pipe."""
 
-    def flush() -> None:
-        if pending:
-            out.write(b"".join(pending))
-            out.flush()
-            pending.clear()
 
-    def reap() -> None:
-        while True:
-            with children:
-                while running[0] == 0 and children.wait(IDLE_SECONDS):
-                    pass
-                idle = running[0] == 0
-            if idle:
-                # Nothing has run for a while: what was kept for the next jobs goes (they may be
-                # long in coming, and spares left behind would puzzle a reader). `lock` is taken
-                # only once `children` is let go: the spawns take them in the other order.
-                with lock:
-                    spare_dirs.clear()
-                    spare_files.clear()
-                continue
-            try:
-                ended = [os.wait4(-1, 0)]
-            except ChildProcessError:
-                continue
-            while True:  # the others that have ended meanwhile: reported together
+class LauncherLoop:
+    """One thread, woken by requests on stdin and by SIGCHLD (through a wakeup pipe), that starts
+    jobs, reaps them and reports both.
+
+    One thread, not a reader and a reaper: handing each job from one thread to the other (a
+    condition, a lock, the GIL) cost more system calls and context switches than the job's
+    start itself. A directory that cannot be kept as a spare is removed by a thread of its own
+    (a job may leave a big tree), so that no removal holds up a start or a report.
+    """
+
+    def __init__(self) -> None:
+        self.ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
+        self.base_env = dict(os.environ)
+        self.out = sys.stdout.buffer
+        self.daemon = os.getppid()
+        self.running = 0
+        self.idle_deadline: Optional[float] = None  # when the spares go if nothing starts meanwhile
+        # pid -> (the directory to remove once it has ended, and when the launcher made it: its
+        # (base, parent, root, cwd, tmp), so that it may be kept as a spare)
+        self.removals: dict[int, tuple[str, Optional[list[str]]]] = {}
+        self.outputs: dict[int, tuple[str, str, int]] = {}  # pid -> (stdout, stderr, limit) to read at its end
+        # Jobs that must not outlive the daemon (a worker's pulled jobs: once the worker is gone
+        # the manager gives them to another, so one left running here would run twice at once).
+        self.tied: set[int] = set()
+        self.spare_dirs, self.spare_files = SpareDirs(), SpareFiles()
+        self.remover = _Remover()
+        # Events wait here and are written together once a turn of the loop: the starts of one
+        # batch of requests and the ends reaped with them in one write. Each write wakes the
+        # daemon's reactor for a turn of its own, so fewer writes are less of its time per job.
+        self.pending: list[bytes] = []
+
+    def run(self) -> None:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, _no_op)
+        poller = select.epoll()
+        poller.register(0, select.EPOLLIN)
+        poller.register(wake_r, select.EPOLLIN)
+        rest = b""
+        try:
+            while True:
+                events = poller.poll(self._timeout())
+                if not events:
+                    self._idle()
+                    continue
+                for fd, _ in events:
+                    if fd == wake_r:
+                        _drain(wake_r)
+                        continue
+                    chunk = os.read(0, 1 << 16)
+                    if not chunk:
+                        return  # the daemon has gone (stopped, or killed: either way our stdin ends)
+                    *lines, rest = (rest + chunk).split(b"\n")
+                    for line in lines:
+                        if os.getppid() != self.daemon:
+                            # The daemon died (kill -9) with requests still in the pipe. Starting
+                            # them now could run a job twice: the next daemon queues again what
+                            # it finds no trace of.
+                            return
+                        if line:
+                            self.handle(line)
+                # Reaped after the requests: a process that ends at once is reported started
+                # first (its start is already pending).
+                ended = self.reap()
+                self.flush()
+                self.tidy(ended)
+        finally:
+            for pid in self.tied:
                 try:
-                    pid, status, usage = os.wait4(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if not pid:
-                    break
-                ended.append((pid, status, usage))
-            with children:
-                running[0] -= len(ended)
-            with lock:  # held by the spawn until its removal is registered
-                found = [(removals.pop(pid, None), outputs.pop(pid, None)) for pid, _, _ in ended]
-                tied.difference_update(pid for pid, _, _ in ended)
-            events = []
-            for (pid, status, usage), (_, output) in zip(ended, found):
-                event = {"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
-                if output is not None:
-                    # Read here, not by the daemon: two stats (and, rarely, reads) per job off the
-                    # reactor. Outside the lock: it holds up no start.
-                    stdout, stderr, limit = output
-                    text = read_bounded(stdout, limit)
-                    if text:
-                        event["out"] = text
-                    text = read_bounded(stderr, limit)
-                    if text:
-                        event["err"] = text
-                events.append(event)
-            with lock:  # after any start still pending: a process is reported started first
-                for event in events:
-                    emit(event)
-                flush()
-            # After the end is reported, so that it is not held up (a job whose directory is to go
-            # has no behaviours that could still need it, and a retry gets a new directory).
-            for (pid, _, _), (removal, _) in zip(ended, found):
-                if removal is not None:
-                    directory, made = removal
-                    if made is None or not _group_gone(pid) or not spare_dirs.keep(made[0], *made[2:]):
-                        shutil.rmtree(directory, ignore_errors=True)
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.spare_dirs.clear()
+            self.spare_files.clear()
 
-    def handle(line: bytes) -> None:
+    def _timeout(self) -> float:
+        if self.idle_deadline is None:
+            return -1
+        return max(0.0, self.idle_deadline - time.monotonic())
+
+    def _idle(self) -> None:
+        """Nothing has run for a while: what was kept for the next jobs goes (they may be long in
+        coming, and spares left behind would puzzle a reader)."""
+        self.idle_deadline = None
+        if self.running == 0:
+            self.spare_dirs.clear()
+            self.spare_files.clear()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.pending.append(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+
+    def flush(self) -> None:
+        if self.pending:
+            self.out.write(b"".join(self.pending))
+            self.out.flush()
+            self.pending.clear()
+
+    def handle(self, line: bytes) -> None:
         try:
             request = json.loads(line)
             if "unlink" in request:
                 # Run files whose end the daemon has committed (see Launcher.remove_later).
-                for path, e in spare_files.remove(request["unlink"]):
+                for path, e in self.spare_files.remove(request["unlink"]):
                     sys.stderr.write(f"could not remove {path}: {e}\n")
+                if self.running == 0 and self.idle_deadline is None:
+                    self.idle_deadline = time.monotonic() + IDLE_SECONDS  # these too go if idle
                 return
-            env = request["env"] if request["env"] is not None else base_env.copy()
+            env = request["env"] if request["env"] is not None else self.base_env.copy()
             env.update(request["extra"])
             stdin, stdout, stderr = request["stdio"]
             truncate = True
             make = request.get("make")
             if make:
-                make_job_dirs(*make, spare=spare_dirs.take(make[0]))
+                make_job_dirs(*make, spare=self.spare_dirs.take(make[0]))
             if "fresh" in request:
-                # A status file left by an earlier run must not be taken for this one's: an empty
-                # spare replaces it (the shell's `>` at the job's end then makes no inode, and
-                # empty reads as "not ended"), or it goes.
-                if not spare_files.place(request["fresh"]):
+                # A status file left by an earlier run must not be taken for this one's: a blank
+                # spare replaces it (the shell's write at the job's end then makes no inode, and
+                # blank reads as "not ended"), or it goes.
+                if not self.spare_files.place(request["fresh"]):
                     try:
                         os.unlink(request["fresh"])
                     except FileNotFoundError:
@@ -255,7 +279,7 @@ def main() -> None:
                 # way the child need not truncate: on ext4 a truncate marks the file to be written
                 # out when it is closed (auto_da_alloc), a block allocation and a write per job.
                 for path in (stdout, stderr):
-                    if not spare_files.place(path):
+                    if not self.spare_files.place(path):
                         try:
                             os.unlink(path)
                         except FileNotFoundError:
@@ -264,61 +288,87 @@ def main() -> None:
             pid = os.posix_spawn(
                 request["argv"][0], request["argv"], env,
                 file_actions=stdio_actions(stdin, stdout, stderr, truncate),
-                setsid=True, setsigdef=ignored,
+                setsid=True, setsigdef=self.ignored,
             )
         except Exception as e:
             # Whatever one request makes posix_spawn (or its arguments) raise -- E2BIG, a NUL
             # byte or a lone surrogate in a value, a malformed request -- fails that job only.
-            emit({"id": _request_id(line), "error": _describe(e)})
+            self.emit({"id": _request_id(line), "error": _describe(e)})
             return
         if request.get("remove"):
-            removals[pid] = (request["remove"], make if make and make[2] == request["remove"] else None)
+            self.removals[pid] = (request["remove"], make if make and make[2] == request["remove"] else None)
         if "read" in request:
-            outputs[pid] = (stdout, stderr, request["read"])
+            self.outputs[pid] = (stdout, stderr, request["read"])
         if request.get("tied"):
-            tied.add(pid)
-        with children:
-            running[0] += 1
-            children.notify()
-        emit({"id": request["id"], "pid": pid})
+            self.tied.add(pid)
+        self.running += 1
+        self.idle_deadline = None
+        self.emit({"id": request["id"], "pid": pid})
 
-    threading.Thread(target=reap, name="reaper", daemon=True).start()
+    def reap(self) -> list[tuple[int, Optional[tuple[str, Optional[list[str]]]]]]:
+        """Report the processes that have ended; (pid, its directory to remove) of each."""
+        ended = []
+        while self.running:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            self.running -= 1
+            self.tied.discard(pid)
+            event = {"pid": pid, "status": status, "cpu": usage.ru_utime + usage.ru_stime}
+            output = self.outputs.pop(pid, None)
+            if output is not None:
+                # Read here, not by the daemon: two stats (and, rarely, reads) per job off the
+                # reactor.
+                stdout, stderr, limit = output
+                text = read_bounded(stdout, limit)
+                if text:
+                    event["out"] = text
+                text = read_bounded(stderr, limit)
+                if text:
+                    event["err"] = text
+            self.emit(event)
+            ended.append((pid, self.removals.pop(pid, None)))
+        if ended and self.running == 0:
+            self.idle_deadline = time.monotonic() + IDLE_SECONDS
+        return ended
+
+    def tidy(self, ended: list[tuple[int, Optional[tuple[str, Optional[list[str]]]]]]) -> None:
+        """After the ends are reported, so that they are not held up (a job whose directory is to
+        go has no behaviours that could still need it, and a retry gets a new directory)."""
+        for pid, removal in ended:
+            if removal is not None:
+                directory, made = removal
+                if made is None or not _group_gone(pid) or not self.spare_dirs.keep(made[0], *made[2:]):
+                    self.remover.remove(directory)
+
+
+class _Remover:
+    """Removes directories in a thread of its own, started when first needed."""
+
+    def __init__(self) -> None:
+        self._queue: Optional[SimpleQueue[str]] = None
+
+    def remove(self, directory: str) -> None:
+        if self._queue is None:
+            self._queue = SimpleQueue()
+            threading.Thread(target=self._work, args=(self._queue,), name="remover", daemon=True).start()
+        self._queue.put(directory)
+
+    @staticmethod
+    def _work(directories: "SimpleQueue[str]") -> None:
+        while True:
+            shutil.rmtree(directories.get(), ignore_errors=True)
+
+
+def _drain(fd: int) -> None:
     try:
-        serve(handle, lock, flush)
-    finally:
-        # The daemon has gone (stopped, or killed: either way our stdin ends).
-        with lock:
-            for pid in tied:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            spare_dirs.clear()
-            spare_files.clear()
-
-
-def serve(handle: Any, lock: Any, flush: Any) -> None:
-    """Read requests from stdin until the daemon goes."""
-    daemon = os.getppid()
-    rest = b""
-    while True:
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            break
-        *lines, rest = (rest + chunk).split(b"\n")
-        for line in lines:
-            if os.getppid() != daemon:
-                # The daemon died (kill -9) with requests still in the pipe. Starting them now
-                # could run a job twice: the next daemon queues again what it finds no trace of.
-                return
-            if not line:
-                continue
-            # The lock is held from the spawn until its pid is queued for reporting, so that a
-            # process that ends at once is never reported ended before it is reported started.
-            with lock:
-                handle(line)
-        with lock:
-            flush()
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _group_gone(pgid: int) -> bool:
@@ -449,6 +499,13 @@ class LauncherProtocol(ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         log.warn("job launcher: {text}", text=data.decode("utf-8", "replace").rstrip())
 
+    def outConnectionLost(self) -> None:
+        # Its stdout closed: the launcher has gone (its stdin is not watched to notice it; see
+        # Launcher.start). Its stdin is closed too, so that the process ends for Twisted (which
+        # waits for every pipe) and processEnded reports it.
+        if self.transport is not None:
+            self.transport.closeStdin()
+
     def processEnded(self, reason: Failure) -> None:
         self.owner.died(reason)
 
@@ -477,7 +534,8 @@ class Launcher:
         )
         # Twisted watches a child's stdin pipe for readability between writes, to notice the
         # child closing it (ProcessWriter.enableReadHack): two epoll_ctl calls more each time
-        # requests are written. The launcher's end is known from its stdout and its exit.
+        # requests are written. The launcher's end is known from its stdout closing instead
+        # (LauncherProtocol.outConnectionLost).
         writer = getattr(transport, "pipes", {}).get(0)
         if getattr(writer, "enableReadHack", False):
             writer.enableReadHack = False
