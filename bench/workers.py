@@ -14,7 +14,11 @@ Measured:
    wmgr_http_request_duration_seconds histogram of its /metrics, read between phases), against
    the latency of the cheapest route (GET /rest/version/) sent by the same process at the same
    time (baseline: what any request costs under this load), with this process's reactor lag
-   (a reply that arrives while it is busy waits to be read);
+   (a reply that arrives while it is busy waits to be read), and for each phase the manager's
+   garbage collections and how late its reactor ran a timer (its /metrics:
+   wmgr_gc_pause_seconds, wmgr_reactor_lag_seconds). The simulator is the instrument: each
+   heartbeat on its own schedule (as workers on hosts of their own), its collector off once the
+   workers have registered, each phase's jobs added by another process;
 2. jobs handed out and taken back per second, at the agents' cadence (idle workers pull once per
    heartbeat; workers that got jobs pull again as soon as they have reported them), target
    >= 1,000 jobs/s;
@@ -34,6 +38,7 @@ not the absolute figures.
 
 from __future__ import annotations
 
+import gc
 import random
 import resource
 import sys
@@ -56,6 +61,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrap
 from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.internet.ssl import Certificate, optionsForClientTLS  # noqa: E402
 from twisted.internet.task import deferLater  # noqa: E402
+from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
 
 from wmgr.client import Client  # noqa: E402
 
@@ -168,6 +174,16 @@ class Farm:
         self.errors = 0
         self.rate = 0.0  # jobs/s the farm as a whole takes, when paced (0: as fast as it can)
         self.next_pull = 0.0
+        self.gc_pauses: dict[str, list[float]] = {}  # this process's collections, by phase
+        self.manager_peak_rss = 0  # kB, read at the end
+        self._gc_began = 0.0
+
+    def gc_probe(self, phase: str, info: dict[str, int]) -> None:
+        """gc.callbacks: a collection here stops every simulated worker (its replies wait)."""
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        else:
+            self.gc_pauses.setdefault(self.phase, []).append(time.perf_counter() - self._gc_began)
 
     async def wire(self, name: str) -> Wire:
         wire = self.wires.get(name)
@@ -237,9 +253,15 @@ class Farm:
         its own, whatever the worker's pulls and reports are doing (as the agent's heartbeat is
         due every HEARTBEAT seconds); after a heartbeat that says work is ready, start pulling
         if it is not already."""
-        await deferLater(self.reactor, random.uniform(0, HEARTBEAT), lambda: None)
+        # On a schedule of its own (an offset, then every HEARTBEAT), as an agent's LoopingCall
+        # keeps it: timed from the last send instead, every heartbeat that a stall of this one
+        # process held up would be sent together from then on, a burst that real workers, each on
+        # a host of its own, never make.
+        due = time.perf_counter() + random.uniform(0, HEARTBEAT)
         while not self.stopping:
-            started = time.perf_counter()
+            await deferLater(self.reactor, max(0.0, due - time.perf_counter()), lambda: None)
+            now = time.perf_counter()
+            due += HEARTBEAT * max(1, int((now - due) // HEARTBEAT) + 1)  # a missed beat is skipped
             try:
                 answer, seconds = await self.post(name + "/beat", "heartbeat", {
                     "name": name, "session": self.sessions[name], "running": [],
@@ -249,7 +271,6 @@ class Farm:
                     ensureDeferred(self.pull_and_run(name)).addErrback(lambda f: None)
             except Exception:
                 pass
-            await deferLater(self.reactor, max(0.0, HEARTBEAT - (time.perf_counter() - started)), lambda: None)
 
     async def lag(self) -> None:
         """How late this process's own reactor runs a 50 ms timer: a reply that arrives while it
@@ -300,6 +321,12 @@ async def wait_until(reactor: Any, check: Any, timeout: float) -> bool:
     return True
 
 
+def peak_rss(pid: int) -> int:
+    """A process's peak resident set (VmHWM), in kB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -316,13 +343,37 @@ def run_queue_wait(pid: int) -> tuple[float, float]:
         return 0.0, 0.0
 
 
+# Another client adds each phase's jobs, from a process of its own: encoding 10,000 jobs and
+# parsing the 201 (a status per job, megabytes of JSON) stopped this process's reactor for
+# 100-200 ms, and the heartbeat replies that arrived meanwhile counted it as latency.
+ADDER = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from common import Http
+http = Http(Path(sys.argv[2]), sys.argv[3])
+tag, n = sys.argv[4], int(sys.argv[5])
+body = json.dumps([{"cmd": f"true {tag} {i}"} for i in range(n)]).encode()
+status, data, _, _ = http.request("POST", "/rest/v1/jobs/", body, params={"rep_grp": tag})
+sys.exit(0 if status == 201 else f"adding jobs: {status} {data[:300]!r}")
+"""
+
+
+async def add_jobs_elsewhere(reactor: Any, d: Any, n_jobs: int, tag: str) -> None:
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-c", ADDER, str(Path(__file__).resolve().parent), str(d.data_dir), d.url, tag, str(n_jobs)],
+        env=dict(os.environ), reactor=reactor)
+    if code != 0:
+        raise RuntimeError(f"adding {n_jobs} jobs failed: {err.decode(errors='replace')[-500:]}")
+
+
 async def jobs_phase(reactor: Any, farm: Farm, admin: Client, n_jobs: int, tag: str) -> tuple[float, dict[str, float], float]:
     pid_cpu_before = thread_cpu(farm.manager_pid)  # type: ignore[attr-defined]
     own_before = own_cpu()
     waits_before = run_queue_wait(farm.manager_pid), run_queue_wait(os.getpid())  # type: ignore[attr-defined]
     target = farm.done_jobs + n_jobs
     started = time.perf_counter()
-    await admin.add_jobs([{"cmd": f"true {tag} {i}"} for i in range(n_jobs)], rep_grp=tag)
+    await add_jobs_elsewhere(reactor, farm.daemon, n_jobs, tag)
     farm.phase = tag
     if farm.kick:
         for name in farm.sessions:
@@ -356,19 +407,54 @@ async def local_baseline(reactor: Any, n_jobs: int) -> float:
             return n_jobs / (time.perf_counter() - started)
 
 
-async def heartbeat_timing(admin: Client) -> tuple[int, dict[float, int]]:
-    reply = await admin.get("metrics")
-    return manager_timing(reply.text, "/worker/v1/heartbeat")
+def manager_histogram(exposition: str, name: str, having: str = "") -> dict[float, int]:
+    """One histogram of the manager's /metrics, its label sets that contain `having` together:
+    the count within each bucket bound (seconds), cumulative, and under -1 the seconds in all
+    (as microseconds)."""
+    buckets: dict[float, int] = {}
+    for labels, value in re.findall(name + r'_bucket\{(.*?)\} ([0-9.e+]+)', exposition):
+        if having not in labels:
+            continue
+        bound = re.search(r'le="([^"]+)"', labels).group(1)  # type: ignore[union-attr]
+        key = float("inf") if bound == "+Inf" else float(bound)
+        buckets[key] = buckets.get(key, 0) + int(float(value))
+    total = sum(float(v) for labels, v in re.findall(name + r'_sum(?:\{(.*?)\})? ([0-9.e+]+)', exposition)
+                if having in labels)
+    buckets[-1.0] = int(total * 1e6)
+    return buckets
 
 
-def timing_between(before: tuple[int, dict[float, int]], after: tuple[int, dict[float, int]]) -> str:
+Timing = tuple[int, dict[float, int], dict[float, int], dict[float, int], dict[float, int]]
+
+
+async def heartbeat_timing(admin: Client) -> Timing:
+    text = (await admin.get("metrics")).text
+    return (*manager_timing(text, "/worker/v1/heartbeat"), manager_histogram(text, "wmgr_gc_pause_seconds"),
+            manager_histogram(text, "wmgr_reactor_lag_seconds"),
+            manager_histogram(text, "wmgr_gc_pause_seconds", 'generation="2"'))
+
+
+def _over(before: dict[float, int], after: dict[float, int]) -> tuple[int, float, dict[float, int]]:
+    delta = {bound: count - before.get(bound, 0) for bound, count in after.items()}
+    return delta.get(float("inf"), 0), delta.get(-1.0, 0) / 1000, delta
+
+
+def timing_between(before: Timing, after: Timing) -> str:
     total = after[0] - before[0]
     buckets = {bound: count - before[1].get(bound, 0) for bound, count in after[1].items()}
+    collections, gc_ms, gc = _over(before[2], after[2])
+    ticks, _, lag = _over(before[3], after[3])
+    full, full_ms, _ = _over(before[4], after[4])
+    extra = (f"; its garbage collections {collections:,} ({gc_ms:.0f} ms in all), "
+             f"{collections - gc.get(0.01, 0)} over 10 ms, {collections - gc.get(0.05, 0)} over 50 ms, "
+             f"{full} full ({full_ms:.0f} ms); "
+             f"its reactor late (a 0.1 s timer) over 10 ms {ticks - lag.get(0.01, 0)} times, over 50 ms "
+             f"{ticks - lag.get(0.05, 0)}, over 250 ms {ticks - lag.get(0.25, 0)} (of {ticks:,})")
     if not total:
-        return "none"
+        return "none" + extra
     within = buckets.get(0.05, 0) / total
     return (f"{total:,}, p50 <= {bucket_percentile(total, buckets, 0.5) * 1000:g} ms, "
-            f"p99 <= {bucket_percentile(total, buckets, 0.99) * 1000:g} ms, {within:.1%} within 50 ms")
+            f"p99 <= {bucket_percentile(total, buckets, 0.99) * 1000:g} ms, {within:.1%} within 50 ms" + extra)
 
 
 def raise_priority(pid: int, nice: int) -> None:
@@ -395,6 +481,7 @@ async def main(reactor: Any, opts: Any) -> int:
         admin = d.client(reactor, idle_timeout=5.0)
         farm = Farm(reactor, d.url, ca, token, n_workers)
         farm.manager_pid = d.process.pid  # type: ignore[attr-defined, union-attr]
+        farm.daemon = d  # type: ignore[attr-defined]
         if opts.priority:
             # The manager and this simulator ahead of the machine's other work, as on a manager host
             # of its own: without it, on a shared machine, both wait for a CPU most of the time.
@@ -410,6 +497,16 @@ async def main(reactor: Any, opts: Any) -> int:
                                    fireOnOneErrback=True, consumeErrors=True)
             print(f"{n_workers} workers registered in {time.perf_counter() - started:.1f} s (manager pid "
                   f"{d.process.pid}, for py-spy)", flush=True)  # type: ignore[union-attr]
+            # The simulator is the instrument, not what is measured: a thousand workers, each on
+            # a host of its own, never wait for one collector. From here on its collector is off
+            # (what it makes meanwhile is printed at the end), so that its pauses do not count
+            # as heartbeat latency; any collection that still runs is printed.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            gc.callbacks.append(farm.gc_probe)
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            served = {"registered": await heartbeat_timing(admin)}
             lives = [ensureDeferred(farm.live(name)) for name in names]
             probe = ensureDeferred(farm.probe(client_token))
             lag = ensureDeferred(farm.lag())
@@ -417,7 +514,7 @@ async def main(reactor: Any, opts: Any) -> int:
             farm.phase = "idle"
             await deferLater(reactor, HEARTBEAT * (1 if opts.smoke else 3), lambda: None)  # steady state, idle
 
-            served = {"idle (before)": await heartbeat_timing(admin)}
+            served["warm-up and idle"] = await heartbeat_timing(admin)
             loads.append(os.getloadavg()[0])
             rate, cpu, own = await jobs_phase(reactor, farm, admin, n_jobs, "cadence")
             served["cadence"] = await heartbeat_timing(admin)
@@ -442,6 +539,7 @@ async def main(reactor: Any, opts: Any) -> int:
             await deferLater(reactor, HEARTBEAT, lambda: None)
             farm.stopping = True
             await DeferredList(lives + [probe, lag], consumeErrors=True)
+            farm.manager_peak_rss = peak_rss(d.process.pid)  # type: ignore[attr-defined, union-attr]
         finally:
             farm.stopping = True
             await admin.close()
@@ -464,6 +562,14 @@ async def main(reactor: Any, opts: Any) -> int:
         previous = timing
     print(f"this process's reactor lag (a 50 ms timer): p50 {percentile(farm.lags, 0.5) * 1000:.1f} ms, "
           f"p99 {percentile(farm.lags, 0.99) * 1000:.1f} ms")
+    gc.callbacks.remove(farm.gc_probe)
+    gc.enable()
+    print(f"this process's collector was off once the workers had registered: its peak RSS grew by "
+          f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024:.0f} MB from then")
+    for phase, pauses in farm.gc_pauses.items():
+        print(f"this process's garbage collections while {phase}: {len(pauses):,} "
+              f"({sum(pauses) * 1000:.0f} ms in all), longest {max(pauses) * 1000:.1f} ms, "
+              f"{sum(1 for p in pauses if p > 0.01)} over 10 ms")
     print(f"baseline GET /rest/version/ alongside (after the warm-up): {len(base)}, p50 {percentile(base, 0.5) * 1000:.1f} ms, "
           f"p99 {percentile(base, 0.99) * 1000:.1f} ms; heartbeat p99 / baseline p99 = "
           f"{percentile(beats, 0.99) / max(percentile(base, 0.99), 1e-9):.2f}")
@@ -471,7 +577,8 @@ async def main(reactor: Any, opts: Any) -> int:
     loads.append(os.getloadavg()[0])
     print(f"baseline: the same {n_jobs:,} trivial jobs through the local launchers: {local:,.0f} jobs/s")
     print(f"ratio: workers at cadence / local = {rate / local:.2f}; all at once / local = {top / local:.2f}")
-    print(f"load average (1 min) over the run: {', '.join(f'{x:.1f}' for x in loads)}")
+    print(f"load average (1 min) over the run: {', '.join(f'{x:.1f}' for x in loads)}; the manager's peak RSS "
+          f"{farm.manager_peak_rss / 1024:.0f} MB")
     if farm.errors:
         return 1
     return 0

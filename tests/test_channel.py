@@ -187,3 +187,19 @@ def test_a_connection_asks_its_transport_for_its_addresses_once() -> None:
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().count(b"\r\n\r\n10.0.0.1 192.168.1.1") == 3
     assert transport.asked <= 2
+
+
+def test_replies_are_sent_without_waiting_for_the_last_ones_acknowledgement() -> None:
+    """TCP_NODELAY on every connection (see LimitedChannel.connectionMade); a transport that is
+    not TCP is left as it is."""
+    class TCP(StringTransport):
+        no_delay = False
+
+        def setTcpNoDelay(self, enabled):
+            self.no_delay = enabled
+
+    site = WmgrSite(Echo(), LIMITS, 5.0, reactor=Clock())
+    tcp = TCP()
+    site.buildProtocol(None).makeConnection(tcp)
+    assert tcp.no_delay is True
+    site.buildProtocol(None).makeConnection(StringTransport())  # no setTcpNoDelay: no error

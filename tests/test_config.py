@@ -275,6 +275,7 @@ def test_make_service_returns_a_multiservice_without_touching_anything(tmp_path:
     assert service.config is options.config
     assert reactor.tcpServers == [] and reactor.sslServers == []
     assert not (tmp_path / "data").exists(), "makeService must leave the work to startService"
+    assert service._settle  # the daemon's process settles its heap once started (daemon.settle_heap)
 
 
 def test_the_twistd_plugin_is_found() -> None:

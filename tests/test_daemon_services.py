@@ -51,3 +51,19 @@ def test_shutdown_stops_the_reactor(tmp_path: Path) -> None:
     service.shutdown("pman quit")
     clock.advance(0)
     assert stops == [True]
+
+
+def test_settling_the_heap_takes_what_exists_out_of_collections() -> None:
+    import gc
+
+    from wmgr.daemon import GC_THRESHOLDS, settle_heap
+
+    thresholds = gc.get_threshold()
+    try:
+        made = [[i] for i in range(1000)]
+        frozen = settle_heap()
+        assert frozen >= len(made) and gc.get_freeze_count() == frozen
+        assert gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

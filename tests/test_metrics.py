@@ -175,3 +175,40 @@ def test_the_workers_are_read_when_scraped(watched, tmp_path) -> None:
     m.settle()
     got = samples(metrics)
     assert got[("wmgr_workers", (("connection", "offline"),))] == 2 and got[("wmgr_worker_leases", ())] == 0
+
+
+def test_garbage_collections_feed_a_histogram_while_the_service_runs() -> None:
+    import gc
+
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    ticks = iter([10.0, 10.25])
+    pauses = metrics_module.GcPauses(registry, clock=lambda: next(ticks))
+    pauses.startService()
+    assert pauses in gc.callbacks
+    pauses("start", {"generation": 2})
+    pauses("stop", {"generation": 2})
+    pauses.stopService()
+    assert pauses not in gc.callbacks
+    assert registry.get_sample_value("wmgr_gc_pause_seconds_count", {"generation": "2"}) == 1
+    assert registry.get_sample_value("wmgr_gc_pause_seconds_sum", {"generation": "2"}) == 0.25
+    assert registry.get_sample_value("wmgr_gc_pause_seconds_bucket", {"generation": "2", "le": "0.1"}) == 0
+    gc.collect()  # no longer watched: nothing more
+    assert registry.get_sample_value("wmgr_gc_pause_seconds_count", {"generation": "2"}) == 1
+
+
+def test_the_reactor_lag_is_how_late_a_timer_ran() -> None:
+    from prometheus_client import CollectorRegistry
+    from twisted.internet.task import Clock
+
+    registry, clock = CollectorRegistry(), Clock()
+    lag = metrics_module.ReactorLag(registry, clock, interval=0.1)
+    lag.startService()
+    clock.advance(0.1)  # on time
+    clock.advance(0.35)  # a turn that took 0.35 s: the timer ran 0.25 s late
+    assert registry.get_sample_value("wmgr_reactor_lag_seconds_count") == 2
+    assert registry.get_sample_value("wmgr_reactor_lag_seconds_bucket", {"le": "0.001"}) == 1
+    assert abs(registry.get_sample_value("wmgr_reactor_lag_seconds_sum") - 0.25) < 1e-9
+    lag.stopService()
+    assert clock.getDelayedCalls() == []

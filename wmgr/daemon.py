@@ -10,6 +10,7 @@ pman quit) stops the reactor, which runs that one path.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -50,7 +51,7 @@ from wmgr.servers import BadServers
 from wmgr.services import ServiceManager
 from wmgr.uploads import Uploads
 from wmgr.jobs.scheduler import Capacity
-from wmgr.metrics import Metrics
+from wmgr.metrics import GcPauses, Metrics, ReactorLag
 from wmgr.store import Store
 from wmgr.files import write_public
 from wmgr.flamenco import Flamenco
@@ -101,11 +102,37 @@ class Listener(Service):
         return maybeDeferred(self.port.stopListening)
 
 
+# The collector's thresholds for a daemon (Python's: 700, 10, 10). A young collection once
+# 10,000 more objects are tracked, not 700: what a request or a job's start makes in flight has
+# mostly gone by then (freed, or a cycle collected young) instead of being promoted, and each
+# young collection stays short (a few ms). A full collection only after 50 collections of the
+# middle generation, not 10 (and, as always, once the old generation has grown by a quarter).
+GC_THRESHOLDS = (10_000, 10, 50)
+
+
+def settle_heap() -> int:
+    """Collect once, take everything that exists out of later collections (gc.freeze), and set
+    the daemon's thresholds (GC_THRESHOLDS); the number of objects frozen.
+
+    Why: every thread stops while a collection runs, and a request that arrives meanwhile waits
+    in its socket. A full collection walks every object the collector tracks: a started daemon
+    holds some hundreds of thousands (its modules, Twisted, TLS, the loaded queue) that live as
+    long as it does, and with Python's thresholds a manager with a thousand workers ran several
+    full collections a second while jobs flowed, each 50-200 ms: the heartbeats' tail (issue 11).
+    After this, collections walk only what came later, and full ones are rare."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    return gc.get_freeze_count()
+
+
 class WmgrService(MultiService):
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, settle: bool = False) -> None:
+        """`settle`: once started, settle_heap() (the daemon process; not a test's)."""
         super().__init__()
         self.config = config
         self._reactor = reactor
+        self._settle = settle
         self.port = 0
         self.http_port: Optional[int] = None
         self.url = ""
@@ -182,6 +209,8 @@ class WmgrService(MultiService):
                             QSERV_DBS_PATHS, DASHBOARD_PATHS, ROOT_PATHS, METRICS_PATHS]
                            + ([SLURM_PATHS] if self.slurm is not None else []), [QSERV_SCHEMAS])
         self.metrics = Metrics(openapi["paths"])
+        GcPauses(self.metrics.registry).setServiceParent(self)
+        ReactorLag(self.metrics.registry, self._reactor).setServiceParent(self)
         self.metrics.watch(self.queue, self.launcher, self.store)
         self.metrics.watch_workers(self.workers)
         surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
@@ -250,6 +279,8 @@ class WmgrService(MultiService):
             self._watch_slurm()
         write_public(self.data_dir / URL_FILE, self.url.encode() + b"\n")
         self._announce(first_start)
+        if self._settle:
+            log.info("start-up's {n} objects are out of the garbage collector's way", n=settle_heap())
 
     def _slurm_commands(self) -> Any:
         """With [scheduler] backend = slurm: Slurm's commands, each found, or the start fails."""

@@ -11,7 +11,9 @@ prometheus_client:
 - LauncherPool.restarts, launcher processes started again after one ended;
 - Store.commit_observers, called on the reactor thread with each batch commit's seconds;
 - Workers.counts() -> online, offline, leases (the manager's side of the worker protocol);
-- SlurmRunners.counts() -> {Slurm state: runners}, .submitted, .submit_failures, .runner_failures.
+- SlurmRunners.counts() -> {Slurm state: runners}, .submitted, .submit_failures, .runner_failures;
+- gc.callbacks: each garbage collection's pause (GcPauses, a service of the daemon's);
+- a timer of its own, due ten times a second: how late the reactor runs it (ReactorLag, a service).
 
 HTTP requests are counted by route TEMPLATE (the OpenAPI path, such as /rest/v1/jobs/{ids}), never
 by raw path, so the number of series stays bounded whatever clients ask for.
@@ -19,11 +21,14 @@ by raw path, so the number of series stays bounded whatever clients ask for.
 
 from __future__ import annotations
 
+import gc
 import re
-from typing import Any, Iterable, Iterator, Optional
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.application.service import Service
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
@@ -34,6 +39,74 @@ HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 PATH_CACHE_SIZE = 4096  # request paths whose route template is remembered
 
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ReactorLag(Service):
+    """How late the reactor runs a timer due every `interval` seconds: the time any event (a
+    request's bytes, a process's exit) may wait before the reactor gets to it, whatever the
+    cause (a long callback, a garbage collection, a blocking call, no CPU to run on)."""
+
+    def __init__(self, registry: CollectorRegistry, reactor: Any, interval: float = 0.1) -> None:
+        self.histogram = Histogram("wmgr_reactor_lag_seconds",
+                                   f"Seconds the reactor ran a timer late (one due every {interval:g} s)",
+                                   buckets=LAG_BUCKETS, registry=registry)
+        self._reactor = reactor
+        self.interval = interval
+        self._call: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule()
+
+    def stopService(self) -> Any:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return super().stopService()
+
+    def _schedule(self) -> None:
+        due = self._reactor.seconds() + self.interval
+        self._call = self._reactor.callLater(self.interval, self._tick, due)
+
+    def _tick(self, due: float) -> None:
+        self.histogram.observe(max(0.0, self._reactor.seconds() - due))
+        self._schedule()
+
+
+class GcPauses(Service):
+    """The garbage collector's pauses, by generation, from gc.callbacks.
+
+    Every thread waits while a collection runs, and a request that arrives meanwhile waits in its
+    socket: a tail of latency that the request timings (headers to answer) never show. A service
+    so that the callback goes when the daemon stops (gc.callbacks is the process's)."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.histogram = Histogram("wmgr_gc_pause_seconds", "Seconds each garbage collection took, by generation",
+                                   ["generation"], buckets=GC_BUCKETS, registry=registry)
+        self._by_generation = [self.histogram.labels(str(generation)) for generation in range(3)]
+        self._clock = clock
+        self._began: Optional[float] = None
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = self._clock()
+        elif self._began is not None:
+            self._by_generation[info["generation"]].observe(self._clock() - self._began)
+            self._began = None
+
+    def startService(self) -> None:
+        super().startService()
+        gc.callbacks.append(self)
+
+    def stopService(self) -> Any:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
+        return super().stopService()
 
 
 class RouteTemplates:

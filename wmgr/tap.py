@@ -71,7 +71,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = default_reactor
     from wmgr.daemon import WmgrService
 
-    service = WmgrService(options.config, reactor)
+    service = WmgrService(options.config, reactor, settle=True)
     atexit.register(exit_status, service)
     return service
 

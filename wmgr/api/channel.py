@@ -110,6 +110,16 @@ class LimitedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # Replies go out as soon as they are written. With Nagle's algorithm a reply written
+        # while the client has not yet acknowledged the last one waits for that acknowledgement,
+        # which the client may delay by up to 200 ms (delayed ACK): kept-alive connections with
+        # a request every few seconds (worker heartbeats) saw exactly that as their latency.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket (a UNIX one in a test)
+                pass
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
