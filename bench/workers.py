@@ -56,6 +56,7 @@ from typing import Optional  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 from common import daemon, machine, run_main, thread_cpu  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS  # noqa: E402
 from twisted.internet.protocol import Protocol  # noqa: E402
@@ -292,18 +293,6 @@ class Farm:
             await deferLater(self.reactor, 0.2, lambda: None)
 
 
-def manager_timing(exposition: str, route: str) -> tuple[int, dict[float, int]]:
-    """From the manager's /metrics: how many requests of `route` it answered and how many within
-    each bucket bound (seconds), cumulative, from request headers to the reply."""
-    buckets: dict[float, int] = {}
-    pattern = re.compile(r'wmgr_http_request_duration_seconds_bucket\{(.*?)\} ([0-9.e+]+)')
-    for labels, value in pattern.findall(exposition):
-        if f'route="{route}"' in labels and 'method="POST"' in labels:
-            bound = re.search(r'le="([^"]+)"', labels).group(1)  # type: ignore[union-attr]
-            buckets[float("inf") if bound == "+Inf" else float(bound)] = int(float(value))
-    return buckets.get(float("inf"), 0), buckets
-
-
 def bucket_percentile(total: int, buckets: dict[float, int], p: float) -> float:
     """The smallest bucket bound within which a fraction p of the requests were answered."""
     for bound in sorted(buckets):
@@ -409,31 +398,42 @@ async def local_baseline(reactor: Any, n_jobs: int) -> float:
             return n_jobs / (time.perf_counter() - started)
 
 
-def manager_histogram(exposition: str, name: str, having: str = "") -> dict[float, int]:
-    """One histogram of the manager's /metrics, its label sets that contain `having` together:
-    the count within each bucket bound (seconds), cumulative, and under -1 the seconds in all
-    (as microseconds)."""
+def manager_histogram(families: list[Any], name: str, **labels: str) -> dict[float, int]:
+    """One histogram of the manager's /metrics (parsed), its series with these labels added
+    together: the count within each bucket bound (seconds), cumulative, and under -1 the seconds
+    in all (as microseconds, an int like the counts)."""
     buckets: dict[float, int] = {}
-    for labels, value in re.findall(name + r'_bucket\{(.*?)\} ([0-9.e+]+)', exposition):
-        if having not in labels:
+    total = 0.0
+    for family in families:
+        if family.name != name:
             continue
-        bound = re.search(r'le="([^"]+)"', labels).group(1)  # type: ignore[union-attr]
-        key = float("inf") if bound == "+Inf" else float(bound)
-        buckets[key] = buckets.get(key, 0) + int(float(value))
-    total = sum(float(v) for labels, v in re.findall(name + r'_sum(?:\{(.*?)\})? ([0-9.e+]+)', exposition)
-                if having in labels)
+        for sample in family.samples:
+            if any(sample.labels.get(key) != value for key, value in labels.items()):
+                continue
+            if sample.name == name + "_bucket":
+                bound = float(sample.labels["le"])  # "+Inf" too
+                buckets[bound] = buckets.get(bound, 0) + int(sample.value)
+            elif sample.name == name + "_sum":
+                total += sample.value
     buckets[-1.0] = int(total * 1e6)
     return buckets
 
 
+# (heartbeats answered, their buckets), then the collections', the reactor lag's and the full
+# collections' histograms, as manager_histogram gives them.
 Timing = tuple[int, dict[float, int], dict[float, int], dict[float, int], dict[float, int]]
 
 
 async def heartbeat_timing(admin: Client) -> Timing:
-    text = (await admin.get("metrics")).text
-    return (*manager_timing(text, "/worker/v1/heartbeat"), manager_histogram(text, "wmgr_gc_pause_seconds"),
-            manager_histogram(text, "wmgr_reactor_lag_seconds"),
-            manager_histogram(text, "wmgr_gc_pause_seconds", 'generation="2"'))
+    """The manager's timings so far, from its /metrics: heartbeats from request headers to the
+    reply, its garbage collections and its reactor's lag."""
+    families = list(text_string_to_metric_families((await admin.get("metrics")).text))
+    beats = manager_histogram(families, "wmgr_http_request_duration_seconds", method="POST",
+                              route="/worker/v1/heartbeat")
+    del beats[-1.0]
+    return (beats.get(float("inf"), 0), beats, manager_histogram(families, "wmgr_gc_pause_seconds"),
+            manager_histogram(families, "wmgr_reactor_lag_seconds"),
+            manager_histogram(families, "wmgr_gc_pause_seconds", generation="2"))
 
 
 def _over(before: dict[float, int], after: dict[float, int]) -> tuple[int, float, dict[float, int]]:

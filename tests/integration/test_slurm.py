@@ -90,6 +90,17 @@ def assert_never_twice(paths: list[Path], cut_at: float = 0.0) -> None:
                 open_start = None
 
 
+async def start_one_job(client: Any, reactor: Any, marks: Path) -> dict[str, Any]:
+    """Add job 0 (three seconds, one core), wait until a runner runs it, and return it."""
+    [job] = await client.add_jobs([{"cmd": job_command(marks, 0, 3), "cpus": 1, "memory": "20M"}])
+
+    async def running() -> Any:
+        return (await client.get("rest/v1/jobs/" + job["Key"])).json()[0]["State"] == "running"
+
+    await until(reactor, running, timeout=60, every=0.2)
+    return job
+
+
 async def all_complete(client: Any) -> bool:
     reply = await client.get("rest/v1/jobs/")
     return reply.code == 200 and reply.json() == []
@@ -255,12 +266,7 @@ async def test_a_stopped_manager_leaves_its_runners_to_finish_their_job_and_exit
     marks.mkdir()
     client = manager.client(reactor)
     try:
-        [job] = await client.add_jobs([{"cmd": job_command(marks, 0, 3), "cpus": 1, "memory": "20M"}])
-
-        async def running() -> Any:
-            return (await client.get("rest/v1/jobs/" + job["Key"])).json()[0]["State"] == "running"
-
-        await until(reactor, running, timeout=60, every=0.2)
+        await start_one_job(client, reactor, marks)
         job_name = (await client.get("slurm/v1/runners")).json()["job_name"]
     finally:
         await client.close()
@@ -292,12 +298,7 @@ async def test_a_manager_back_within_its_worker_timeout_gets_the_end_of_the_job_
     marks.mkdir()
     client = manager.client(reactor)
     try:
-        [job] = await client.add_jobs([{"cmd": job_command(marks, 0, 3), "cpus": 1, "memory": "20M"}])
-
-        async def running() -> Any:
-            return (await client.get("rest/v1/jobs/" + job["Key"])).json()[0]["State"] == "running"
-
-        await until(reactor, running, timeout=60, every=0.2)
+        job = await start_one_job(client, reactor, marks)
     finally:
         await client.close()
     assert await manager.stop(reactor) == 0, manager.log()

@@ -33,7 +33,7 @@ import itertools
 import os
 import shutil
 import stat
-from typing import Optional
+from typing import Any, Optional
 
 # Enough for the jobs ending between two starts of a busy launcher; beyond it things are removed.
 DIR_LIMIT = 64
@@ -46,14 +46,32 @@ def _umask() -> int:
     return mask
 
 
-class SpareDirs:
-    """Finished jobs' directories (a root holding empty `cwd` and `tmp`), by job directory base."""
+class _Spares:
+    """Pools of spares, each kept in the directory it serves under a spare's name."""
 
-    def __init__(self, limit: int = DIR_LIMIT) -> None:
-        self._spares: dict[str, list[str]] = {}
+    def __init__(self, limit: int) -> None:
+        self._spares: dict[Any, list[str]] = {}
         self._names = itertools.count()
         self._prefix = f".wmgr-spare.{os.getpid()}."
         self._limit = limit
+
+    def _stash(self, path: str, directory: str, pool: list[str]) -> bool:
+        """Rename `path` to a spare's name in `directory` and add it to `pool`; False if it could
+        not be renamed."""
+        spare = os.path.join(directory, f"{self._prefix}{next(self._names)}")
+        try:
+            os.rename(path, spare)
+        except OSError:
+            return False
+        pool.append(spare)
+        return True
+
+
+class SpareDirs(_Spares):
+    """Finished jobs' directories (a root holding empty `cwd` and `tmp`), by job directory base."""
+
+    def __init__(self, limit: int = DIR_LIMIT) -> None:
+        super().__init__(limit)
         self._mode = 0o777 & ~_umask()  # what os.mkdir made them with
         self._uid = os.getuid()
 
@@ -68,13 +86,7 @@ class SpareDirs:
         pool = self._spares.setdefault(base, [])
         if len(pool) >= self._limit or not self._as_made(root, cwd, tmp):
             return False
-        spare = os.path.join(base, f"{self._prefix}{next(self._names)}")
-        try:
-            os.rename(root, spare)
-        except OSError:
-            return False
-        pool.append(spare)
-        return True
+        return self._stash(root, base, pool)
 
     def _as_made(self, root: str, cwd: str, tmp: str) -> bool:
         if os.path.dirname(cwd) != root or os.path.dirname(tmp) != root:
@@ -111,16 +123,13 @@ STATUS_WIDTH = 24
 STATUS_BLANK = b" " * (STATUS_WIDTH - 1) + b"\n"
 
 
-class SpareFiles:
-    """Finished runs' files (emptied; a status file blanked), by directory: the next runs'
-    stdout, stderr and status file are renamed from them, so the child's open(O_CREAT) finds a
-    file and makes no inode. Status files and output files are kept apart."""
+class SpareFiles(_Spares):
+    """Finished runs' files (emptied; a status file blanked), by directory and kind: the next
+    runs' stdout, stderr and status file are renamed from them, so the child's open(O_CREAT)
+    finds a file and makes no inode. Status files and output files are kept apart."""
 
     def __init__(self, limit: int = FILE_LIMIT) -> None:
-        self._spares: dict[tuple[str, bool], list[str]] = {}
-        self._names = itertools.count()
-        self._prefix = f".wmgr-spare.{os.getpid()}."
-        self._limit = limit
+        super().__init__(limit)
 
     def place(self, path: str) -> bool:
         """Put an (empty) spare of path's directory at `path`, replacing what is there; False:
@@ -180,13 +189,7 @@ class SpareFiles:
             return False
         finally:
             os.close(fd)
-        spare = os.path.join(directory, f"{self._prefix}{next(self._names)}")
-        try:
-            os.rename(path, spare)
-        except OSError:
-            return False
-        pool.append(spare)
-        return True
+        return self._stash(path, directory, pool)
 
     def clear(self) -> None:
         for pool in self._spares.values():
