@@ -39,7 +39,7 @@ class FakeQueue:
         self.allow_add = allow_add
         self.calls: list[tuple[str, Any]] = []
 
-    async def add(self, specs: list, rerun: bool = False, while_committing: Any = None) -> list:
+    async def add(self, specs: list, rerun: bool = False, while_committing: Any = None, turn: Any = None) -> list:
         self.calls.append(("add", (specs, rerun)))
         if not self.allow_add:
             pytest.fail(f"queue.add was called with {specs!r}: the request should have been refused first")

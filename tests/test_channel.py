@@ -203,3 +203,37 @@ def test_replies_are_sent_without_waiting_for_the_last_ones_acknowledgement() ->
     site.buildProtocol(None).makeConnection(tcp)
     assert tcp.no_delay is True
     site.buildProtocol(None).makeConnection(StringTransport())  # no setTcpNoDelay: no error
+
+
+def test_a_finished_request_leaves_its_headers_and_klein_adapter_to_reference_counting() -> None:
+    # Klein keeps each request it renders in a reference cycle of its own; the request lets go
+    # of what it refers to once answered, so that only that small cycle waits for the collector.
+    import gc
+
+    from klein import Klein
+
+    app = Klein()
+
+    @app.route("/k", methods=["POST"])
+    async def k(request):
+        return b"{}"
+
+    clock = Clock()
+    site = WmgrSite(app.resource(), LIMITS, 5.0, reactor=clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            channel.dataReceived(b"POST /k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        assert transport.value().count(b"200 OK") == 5
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert "Headers" not in left and "KleinRequest" not in left and "MapAdapter" not in left, left

@@ -341,3 +341,61 @@ async def test_writes_are_checkpointed_while_they_go_on(store: Store, tmp_path: 
     await bounded(store.write(insert("b")))
     await until_true(lambda: store.checkpoints > first)  # after CHECKPOINT_INTERVAL
     assert keys_on_disk(tmp_path / "wmgr.db") == {"a", "b"}
+
+
+class Turnstile:
+    """A reactor whose callLater(0, ...) calls run only when the test turns it (a Clock runs the
+    calls they schedule in the same advance)."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> Any:
+        call = [f, args]
+        self.calls.append(call)
+
+        class Handle:
+            def cancel(handle) -> None:
+                self.calls.remove(call)
+        return Handle()
+
+    def turn(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)
+
+
+def test_a_commit_of_many_operations_is_told_a_few_per_reactor_turn_in_order(tmp_path: Any, monkeypatch: Any) -> None:
+    # No budget: one operation told per turn (the daemon's budget is a few milliseconds).
+    monkeypatch.setattr(store_module, "TELL_BUDGET", 0.0)
+    reactor = Turnstile()
+    store = Store(tmp_path / "told.db", reactor)  # not opened: the commits are handed over as the writer would
+    told: list[tuple[int, str]] = []
+    first, second = [Deferred() for _ in range(3)], [Deferred() for _ in range(2)]
+    for i, d in enumerate(first + second):
+        d.addCallback(lambda result, i=i: told.append((i, result)))
+    store._committed([(d, "first") for d in first], 0.0)
+    store._committed([(d, "second") for d in second], 0.0)
+    assert told == [(0, "first")]
+    reactor.turn()
+    assert told == [(0, "first"), (1, "first")]
+    for _ in range(3):
+        reactor.turn()
+    assert told == [(0, "first"), (1, "first"), (2, "first"), (3, "second"), (4, "second")]
+    assert not reactor.calls
+
+
+def test_closing_tells_every_committed_operation_before_it_says_stopped(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(store_module, "TELL_BUDGET", 0.0)
+    reactor = Turnstile()
+    store = Store(tmp_path / "told.db", reactor)
+    events: list[str] = []
+    operations = [Deferred() for _ in range(4)]
+    for i, d in enumerate(operations):
+        d.addCallback(lambda _, i=i: events.append(f"op {i}"))
+    store._stopped = Deferred()
+    store._stopped.addCallback(lambda _: events.append("stopped"))
+    store._committed([(d, None) for d in operations], 0.0)
+    store._closed()  # what the writer thread hands over once it has exited
+    assert events == ["op 0", "op 1", "op 2", "op 3", "stopped"]
+    assert not reactor.calls

@@ -1,5 +1,5 @@
-"""Bulk worker requests (pulls, reports) wait for reactor turns of their own: wmgr.workers.turns,
-and the worker routes with it (heartbeats answered ahead of bulk work)."""
+"""Bulk requests (pulls, reports, big adds) wait for reactor turns of their own: wmgr.turns, and
+the worker routes and the wr add with it (heartbeats answered ahead of bulk work)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from treq.testing import StubTreq
 from tests.test_workers import Manager
 from wmgr.api.workers import WorkersAPI
 from wmgr.jobs import model
-from wmgr.workers.turns import Turns
+from wmgr.turns import Turns
 
 
 class Turnstile:

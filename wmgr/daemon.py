@@ -58,7 +58,7 @@ from wmgr.flamenco import Flamenco
 from wmgr.host import host_address, host_name
 from wmgr.tls import ServerTLS
 from wmgr.workers.registry import Workers
-from wmgr.workers.turns import Turns
+from wmgr.turns import Turns
 
 log = Logger()
 
@@ -213,12 +213,15 @@ class WmgrService(MultiService):
         ReactorLag(self.metrics.registry, self._reactor).setServiceParent(self)
         self.metrics.watch(self.queue, self.launcher, self.store)
         self.metrics.watch_workers(self.workers)
-        surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers).resource()),
+        # One queue of bulk work for the whole daemon (pulls, reports, big adds), each piece in
+        # reactor turns of its own, so that no request waits for all of it (wmgr/turns.py).
+        turns = Turns(self._reactor)
+        surfaces = [(("rest",), WrAPI(self.queue, self.info, uploads, self.bad_servers, turns).resource()),
                     (("api",), PmanAPI(self.queue, self._reactor, config.pman_allow_quit,
                                        shutdown=self.shutdown).resource()),
                     # Quiet: a line per heartbeat, pull and report cost a fifth of each request's
                     # CPU with many workers (failures are still logged; timings are in /metrics).
-                    Surface(("worker",), WorkersAPI(self.workers, Turns(self._reactor)).resource(), quiet=True),
+                    Surface(("worker",), WorkersAPI(self.workers, turns).resource(), quiet=True),
                     (("workers", "tasks"), FlamencoAPI(self.flamenco, self.workers).resource()),
                     Surface(("metrics",), MetricsAPI(self.metrics, config.metrics_open).resource(), own_auth=True)]
         if self.slurm is not None:

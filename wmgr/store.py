@@ -16,6 +16,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -131,6 +132,8 @@ MIGRATIONS: list[str] = [
 _STOP = object()
 # An upper bound on operations per transaction, so that one commit never holds up replies for long.
 MAX_BATCH = 2000
+# Seconds of a reactor turn spent telling callers their operations committed (see Store._tell).
+TELL_BUDGET = 0.003
 # Seconds between checkpoints while writes go on. SQLite's own (automatic) checkpoint runs inside
 # whichever commit takes the WAL past 1,000 pages, and its fsyncs (tens of milliseconds on a busy
 # disk) then held up every reply waiting for that commit: the writer's connection has it off,
@@ -170,6 +173,9 @@ class Store(Service):
         self._durable = True  # what the writer connection's synchronous setting is now
         # Called on the reactor thread with the seconds each batch's transaction took (metrics).
         self.commit_observers: list[Callable[[float], None]] = []
+        # Committed operations whose callers are still to be told (see _tell), in commit order.
+        self._to_tell: deque[tuple[Deferred[Any], Any]] = deque()
+        self._telling: Any = None
 
     def startService(self) -> None:
         self.open()
@@ -279,7 +285,17 @@ class Store(Service):
                 self._run_batch(conn, work)
         self._stop_checkpointer()
         conn.close()
-        self._reactor.callFromThread(self._stopped.callback, None)
+        self._reactor.callFromThread(self._closed)
+
+    def _closed(self) -> None:
+        # Everything committed is told before the store says it has stopped.
+        if self._telling is not None:
+            self._telling.cancel()
+        self._telling = None
+        while self._to_tell:
+            _fire(*self._to_tell.popleft())
+        assert self._stopped is not None
+        self._stopped.callback(None)
 
     def _run_batch(self, conn: sqlite3.Connection, work: list[tuple[Operation[Any], Deferred[Any], bool]]) -> None:
         outcomes: list[tuple[Deferred[Any], Any]] = []
@@ -334,15 +350,31 @@ class Store(Service):
                 observer(seconds)
             except Exception:
                 log.failure("a commit observer failed")
-        _fire_all(outcomes)
+        self._to_tell.extend(outcomes)
+        if self._telling is None:
+            self._tell()
+
+    def _tell(self) -> None:
+        """Fire the committed operations' Deferreds, in commit order, for at most TELL_BUDGET
+        seconds per reactor turn. One commit can hold hundreds of operations (the ends of jobs
+        that workers reported, the hand-outs of many pulls), and what each caller does next
+        (its reply, the job's next state) had, all in one turn, held every other request for
+        a tenth of a second."""
+        self._telling = None
+        to_tell = self._to_tell
+        deadline = time.perf_counter() + TELL_BUDGET
+        while to_tell:
+            _fire(*to_tell.popleft())
+            if to_tell and time.perf_counter() >= deadline:
+                self._telling = self._reactor.callLater(0, self._tell)
+                return
 
 
-def _fire_all(outcomes: list[tuple[Deferred[Any], Any]]) -> None:
-    for d, result in outcomes:
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
+def _fire(d: Deferred[Any], result: Any) -> None:
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -15,7 +15,7 @@ from klein import Klein
 from wmgr.api.common import install_error_handlers, json_response, read_json
 from wmgr.errors import InvalidRequest
 from wmgr.workers.registry import Workers
-from wmgr.workers.turns import Turns
+from wmgr.turns import Turns
 
 MAX_NAME = 200
 MAX_ITEMS = 100_000

@@ -377,48 +377,66 @@ def normalise(spec: dict[str, Any]) -> dict[str, Any]:
 
 def parse_specs(body: list[Any], defaults: Mapping[str, Any]) -> tuple[list[dict[str, Any]], bool]:
     """Every job object of a POST as parse_spec and normalise leave it (errors name the job's
-    index); also whether any asked to rerun.
+    index); also whether any asked to rerun. See SpecParser."""
+    parser = SpecParser(defaults)
+    return parser.parse(body), parser.rerun
+
+
+class SpecParser:
+    """The job objects of one POST, parsed a slice at a time (`parse(items, first)`, `first`
+    being the index of items[0] in the POST, which errors name), so that a big add can give the
+    reactor turns between slices; `rerun` tells whether any asked to rerun.
 
     A job given as {"cmd": "..."} alone (the usual shape: the other properties come as query
     defaults) takes a fast path: the defaults are checked and normalised once, and each such job
     is a copy of that template with its own cmd and, unless the defaults set one, the req_grp its
-    cmd implies: the same spec, with the same keys in the same order, as the general path makes."""
-    template = _simple_template(defaults)
-    derive_req_grp = not defaults.get("req_grp")
-    encoded = _encoded_template(template, derive_req_grp) if template is not None else None
-    template_rerun = bool(defaults.get("rerun"))
-    cmd_parser = PARSERS["cmd"]
-    specs = []
-    rerun = False
-    for index, raw in enumerate(body):
-        try:
-            if template is not None and raw.__class__ is dict and len(raw) == 1 and "cmd" in raw:
-                cmd = raw["cmd"]
-                if cmd is not None:
-                    cmd = cmd_parser(cmd)
-                if not cmd or not cmd.strip():
-                    raise InvalidRequest("cmd was not specified")
-                spec = EncodedSpec(template) if encoded is not None else template.copy()
-                spec["cmd"] = cmd
-                rerun = rerun or template_rerun
-                if derive_req_grp:
-                    words = cmd.split(None, 1)
-                    first = words[0] if words else ""
-                    req_grp = spec["req_grp"] = first[first.rfind("/") + 1:]
-                if encoded is not None:
+    cmd implies: the same spec, with the same keys in the same order, as the general path makes.
+    Every slice shares the one template, so the jobs of a POST share their values' objects (the
+    reply's encoder counts on it, see status.statuses_json)."""
+
+    def __init__(self, defaults: Mapping[str, Any]) -> None:
+        self.defaults = defaults
+        self.template = _simple_template(defaults)
+        self.derive_req_grp = not defaults.get("req_grp")
+        self.encoded = _encoded_template(self.template, self.derive_req_grp) if self.template is not None else None
+        self.template_rerun = bool(defaults.get("rerun"))
+        self.rerun = False
+
+    def parse(self, items: list[Any], first: int = 0) -> list[dict[str, Any]]:
+        template, encoded, derive_req_grp, defaults = self.template, self.encoded, self.derive_req_grp, self.defaults
+        cmd_parser = PARSERS["cmd"]
+        specs = []
+        rerun = self.rerun
+        for index, raw in enumerate(items, first):
+            try:
+                if template is not None and raw.__class__ is dict and len(raw) == 1 and "cmd" in raw:
+                    cmd = raw["cmd"]
+                    if cmd is not None:
+                        cmd = cmd_parser(cmd)
+                    if not cmd or not cmd.strip():
+                        raise InvalidRequest("cmd was not specified")
+                    spec = EncodedSpec(template) if encoded is not None else template.copy()
+                    spec["cmd"] = cmd
+                    rerun = rerun or self.template_rerun
                     if derive_req_grp:
-                        values = (cmd, req_grp) if encoded[0] else (req_grp, cmd)
-                        spec.json = encoded[1] + _esc(values[0]) + encoded[2] + _esc(values[1]) + encoded[3]
-                    else:
-                        spec.json = encoded[1] + _esc(cmd) + encoded[2]
-            else:
-                spec = parse_spec(raw, defaults)
-                rerun = rerun or bool(spec.get("rerun"))
-                spec = normalise(spec)
-        except InvalidRequest as e:
-            raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
-        specs.append(spec)
-    return specs, rerun
+                        words = cmd.split(None, 1)
+                        first_word = words[0] if words else ""
+                        req_grp = spec["req_grp"] = first_word[first_word.rfind("/") + 1:]
+                    if encoded is not None:
+                        if derive_req_grp:
+                            values = (cmd, req_grp) if encoded[0] else (req_grp, cmd)
+                            spec.json = encoded[1] + _esc(values[0]) + encoded[2] + _esc(values[1]) + encoded[3]
+                        else:
+                            spec.json = encoded[1] + _esc(cmd) + encoded[2]
+                else:
+                    spec = parse_spec(raw, defaults)
+                    rerun = rerun or bool(spec.get("rerun"))
+                    spec = normalise(spec)
+            except InvalidRequest as e:
+                raise InvalidRequest(f"there was a problem interpreting your job {index}: {e.reason}") from None
+            specs.append(spec)
+        self.rerun = rerun
+        return specs
 
 
 class EncodedSpec(dict):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import ChainMap
+from inspect import isawaitable
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -52,6 +53,10 @@ from wmgr.jobs.upkeep import Upkeep
 from wmgr.store import Store
 
 log = Logger()
+
+# Jobs per slice of a big add between reactor turns (when the caller gives turns): each slice
+# is a few milliseconds of work.
+ADD_SLICE = 500
 
 
 
@@ -240,42 +245,73 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
     # -- adding --------------------------------------------------------------------------------
 
     async def add(self, specs: list[dict[str, Any]], rerun: bool = False,
-                  while_committing: Optional[Callable[[list[Job]], None]] = None) -> list[Job]:
+                  while_committing: Optional[Callable[[list[Job]], Any]] = None,
+                  turn: Optional[Callable[[], Deferred[None]]] = None) -> list[Job]:
         """Add jobs (specs as model.normalise leaves them); return, in request order, each job
         now in the queue (a job already queued is returned as it is; one that already completed
         is left out unless rerun).
 
         `while_committing(new_jobs)` is called while the store commits them (SQLite lets go of
-        the GIL meanwhile): a caller can prepare its reply then. The jobs are not queued yet."""
+        the GIL meanwhile): a caller can prepare its reply then; if it returns an awaitable,
+        that is awaited too. The jobs are not queued yet. `turn`: waited for between slices of
+        ADD_SLICE jobs (see wmgr/turns.py), so that a big add never holds the reactor for long;
+        which keys are new is decided in one turn, and those keys are claimed from then until
+        the jobs are queued (an add of the same keys meanwhile waits for this one)."""
         candidates: dict[str, dict[str, Any]] = {}
         limits: dict[str, int] = {}
-        for spec in specs:
-            if spec.get("limit_grps"):
-                spec["limit_grps"], set_limits = parse_limit_groups(spec["limit_grps"])
-                limits.update(set_limits)
-            if spec.get("cloud_script") and not os.path.isfile(os.path.expanduser(spec["cloud_script"])):
-                raise InvalidRequest(f"cloud_script {spec['cloud_script']!r} does not exist on this machine")
-            candidates.setdefault(model.job_key(spec), spec)
+        for start in range(0, len(specs), ADD_SLICE):
+            if start and turn is not None:
+                await turn()
+            for spec in specs[start:start + ADD_SLICE]:
+                if spec.get("limit_grps"):
+                    spec["limit_grps"], set_limits = parse_limit_groups(spec["limit_grps"])
+                    limits.update(set_limits)
+                if spec.get("cloud_script") and not os.path.isfile(os.path.expanduser(spec["cloud_script"])):
+                    raise InvalidRequest(f"cloud_script {spec['cloud_script']!r} does not exist on this machine")
+                candidates.setdefault(model.job_key(spec), spec)
 
-        # Keys being added by a request still committing count as queued: wait for it to land.
-        if self._adding:
-            for key in list(candidates):
-                pending = self._adding.get(key)
-                if pending is not None:
-                    await _quietly(pending)
+        # Keys claimed by an add still under way count as queued: wait for it to land. What is
+        # new is then decided, and claimed, in the turn that finds none claimed.
+        while True:
+            pending = {id(d): d for d in map(self._adding.get, candidates) if d is not None}
+            if not pending:
+                break
+            for d in pending.values():
+                await _quietly(d)
+        live_jobs = self.live
+        new_keys = [key for key, live in zip(candidates, map(live_jobs.get, candidates))
+                    # A job that has just completed stays in memory until its end is committed;
+                    # it is a completed job all the same (left alone, or run again with rerun).
+                    if live is None or live.state == model.COMPLETE]
+        landed: Deferred[None] = Deferred()
+        self._adding.update(dict.fromkeys(new_keys, landed))
+        first_seq = self._seq + 1
+        self._seq += len(new_keys)
+        try:
+            return await self._add_claimed(candidates, new_keys, first_seq, limits, rerun, while_committing, turn)
+        finally:
+            for key in new_keys:
+                if self._adding.get(key) is landed:
+                    del self._adding[key]
+            landed.callback(None)
+
+    async def _add_claimed(self, candidates: dict[str, dict[str, Any]], new_keys: list[str], first_seq: int,
+                           limits: dict[str, int], rerun: bool,
+                           while_committing: Optional[Callable[[list[Job]], Any]],
+                           turn: Optional[Callable[[], Deferred[None]]]) -> list[Job]:
         new_jobs = []
+        rows = []
         # What learning expects of a job depends on four of its values: asked once per distinct
         # four within an add (as _learn_expectations does per job).
         expectations: dict[tuple[Any, ...], tuple[int, float]] = {}
         expected = self.learner.expected
-        live_jobs = self.live
-        for key, spec in candidates.items():
-            # A job that has just completed stays in memory until its end is committed; it is a
-            # completed job all the same (left alone, or run again with rerun).
-            live = live_jobs.get(key)
-            if live is None or live.state == model.COMPLETE:
-                self._seq += 1
-                job = Job(key, spec, model.READY, self._seq)
+        now = self._reactor.seconds()
+        for start in range(0, len(new_keys), ADD_SLICE):
+            if start and turn is not None:
+                await turn()
+            for seq, key in enumerate(new_keys[start:start + ADD_SLICE], first_seq + start):
+                spec = candidates[key]
+                job = Job(key, spec, model.READY, seq)
                 shape = (spec["req_grp"], spec["memory"], spec["time"], spec.get("override", 0))
                 found = expectations.get(shape)
                 if found is None:
@@ -292,20 +328,17 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
                     job.state = model.DEPENDENT
             for job in new_jobs:
                 self.deps.remove(job)
-
-        now = self._reactor.seconds()
-        rows = [(job.key, job.spec["rep_grp"], job.state, job.seq, stored_json(job.spec), now, job.spec.get("deps") or ())
-                for job in new_jobs]
+        # The stored rows are made after the states are known (dependent or ready).
+        for start in range(0, len(new_jobs), ADD_SLICE):
+            if start and turn is not None:
+                await turn()
+            rows.extend((job.key, job.spec["rep_grp"], job.state, job.seq, stored_json(job.spec), now,
+                         job.spec.get("deps") or ()) for job in new_jobs[start:start + ADD_SLICE])
         committed: Deferred[Any] = self.journal.insert(rows, rerun, limits)
-        self._adding.update(dict.fromkeys([row[0] for row in rows], committed))
-        if while_committing is not None:
-            while_committing(new_jobs)
-        try:
-            added_keys = set(await committed)
-        finally:
-            for job in new_jobs:
-                if self._adding.get(job.key) is committed:
-                    del self._adding[job.key]
+        preparing = while_committing(new_jobs) if while_committing is not None else None
+        added_keys = set(await committed)
+        if preparing is not None and isawaitable(preparing):
+            await preparing
         for name, limit in limits.items():
             self.limits.set_limit(name, limit)
         added = [job for job in new_jobs if job.key in added_keys]

@@ -323,7 +323,7 @@ class Workers(Service):
         `time_left` (a batch runner's remaining seconds), only jobs expected to end within it.
         The worker is told once the hand-out is stored (a manager restart then finds its jobs).
         `turn`: waited for again once stored, before the reply is made (the commit of many pulls
-        fires at once; their replies are then made a few at a time, see turns.py)."""
+        fires at once; their replies are then made a few at a time, see wmgr/turns.py)."""
         worker = self.session_of(name, session)
         worker.last_seen = self._reactor.seconds()
         if not worker.enabled or worker.connection != ONLINE:
