@@ -19,6 +19,7 @@ from twisted.internet.defer import ensureDeferred
 from tests.test_api import info, result_of
 from tests.test_queue import Harness
 from tests.test_worker_turns import Turnstile
+from wmgr.api import wr as wr_module
 from wmgr.api.wr import WrAPI
 from wmgr.errors import InvalidRequest
 from wmgr.jobs import model
@@ -141,3 +142,18 @@ def test_the_spec_parser_in_slices_makes_what_it_makes_in_one() -> None:
     assert sliced[0]["rep_grp"] is sliced[5]["rep_grp"]
     with pytest.raises(InvalidRequest, match="job 11:"):
         parser.parse([{"cmd": "ok"}, {"cmd": None}], 10)
+
+
+def test_a_big_reply_is_written_a_slice_per_turn(site: Site, monkeypatch: Any) -> None:
+    monkeypatch.setattr(wr_module, "REPLY_SLICE", 50_000)
+    d = site.post([{"cmd": f"true {i}"} for i in range(N)])
+    site.turn_until(d)  # the status line and headers, then the first slice
+    response = result_of(d)
+    assert response.code == 201
+    length = response.length  # from its Content-Length
+    content = site.stub.content(response)
+    turns = site.turn_until(content)
+    body = result_of(content)
+    assert len(body) == length and turns >= length // 50_000 - 1
+    jobs = sorted(site.h.queue.live.values(), key=lambda job: job.seq)
+    assert body == model.statuses_json([(job, 0) for job in jobs], 0.0)

@@ -14,12 +14,15 @@ from wmgr.api.common import flag, install_error_handlers, json_response, query, 
 from wmgr.errors import InvalidRequest, NotFound
 from wmgr.jobs import model
 from wmgr.jobs.queue import ADD_SLICE, JobQueue
+from wmgr.jobs.status import json_array, status_parts
 from wmgr.servers import BadServers
 from wmgr.turns import Turns
 from wmgr.uploads import Uploads
 
 
 _key_and_state = operator.attrgetter("key", "state")
+# Bytes of a big add's reply written per reactor turn.
+REPLY_SLICE = 1 << 20
 
 
 class WrAPI:
@@ -93,19 +96,27 @@ class WrAPI:
             body = prepared[1]
         else:
             body = await self._statuses_json(jobs, turn)
-        return raw_json_response(request, body, 201)
+        if turn is None or len(body) <= REPLY_SLICE:
+            return raw_json_response(request, body, 201)
+        # Written a slice per turn too: TLS copies and encrypts what it is given in one piece
+        # (60 MB for 100,000 jobs: a tenth of a second).
+        raw_json_response(request, b"", 201)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        for start in range(0, len(body), REPLY_SLICE):
+            await turn()
+            request.write(body[start:start + REPLY_SLICE])
+        return b""
 
     @staticmethod
     async def _statuses_json(jobs: list[model.Job], turn: Optional[Callable[[], Deferred[None]]]) -> bytes:
         """model.statuses_json of these jobs (none grouped), a slice per turn when given turns."""
         if turn is None or len(jobs) <= ADD_SLICE:
             return model.statuses_json([(job, 0) for job in jobs], time.time())
-        parts = []
+        parts: list[bytes] = []
         for start in range(0, len(jobs), ADD_SLICE):
             await turn()
-            # Each slice is a JSON array: its brackets are taken off, and the slices joined as one.
-            parts.append(model.statuses_json([(job, 0) for job in jobs[start:start + ADD_SLICE]], time.time())[1:-1])
-        return b"[" + b",".join(parts) + b"]"
+            parts += status_parts([(job, 0) for job in jobs[start:start + ADD_SLICE]], time.time())
+        return json_array(parts)
 
     @app.route("/rest/v1/jobs/", methods=["DELETE"], strict_slashes=False)
     async def cancel_incomplete(self, request: Any) -> bytes:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from collections import ChainMap
 from inspect import isawaitable
+from itertools import count, repeat
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -299,42 +300,20 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
                            limits: dict[str, int], rerun: bool,
                            while_committing: Optional[Callable[[list[Job]], Any]],
                            turn: Optional[Callable[[], Deferred[None]]]) -> list[Job]:
-        new_jobs = []
-        rows = []
-        # What learning expects of a job depends on four of its values: asked once per distinct
-        # four within an add (as _learn_expectations does per job).
-        expectations: dict[tuple[Any, ...], tuple[int, float]] = {}
-        expected = self.learner.expected
         now = self._reactor.seconds()
-        for start in range(0, len(new_keys), ADD_SLICE):
-            if start and turn is not None:
-                await turn()
-            for seq, key in enumerate(new_keys[start:start + ADD_SLICE], first_seq + start):
-                spec = candidates[key]
-                job = Job(key, spec, model.READY, seq)
-                shape = (spec["req_grp"], spec["memory"], spec["time"], spec.get("override", 0))
-                found = expectations.get(shape)
-                if found is None:
-                    found = expectations[shape] = expected(*shape)
-                job.expected_ram, job.expected_time = found
-                new_jobs.append(job)
-        if any(job.spec.get("deps") for job in new_jobs):
-            self.deps.check_acyclic([*self.live.values(), *new_jobs])
-            view = ChainMap({job.key: job for job in new_jobs}, self.live)
-            for job in new_jobs:
-                self.deps.add(job)
-            for job in new_jobs:
-                if self.deps.blocked(job, view):
-                    job.state = model.DEPENDENT
-            for job in new_jobs:
-                self.deps.remove(job)
-        # The stored rows are made after the states are known (dependent or ready).
-        for start in range(0, len(new_jobs), ADD_SLICE):
-            if start and turn is not None:
-                await turn()
-            rows.extend((job.key, job.spec["rep_grp"], job.state, job.seq, stored_json(job.spec), now,
-                         job.spec.get("deps") or ()) for job in new_jobs[start:start + ADD_SLICE])
-        committed: Deferred[Any] = self.journal.insert(rows, rerun, limits)
+        specs = [candidates[key] for key in new_keys]
+        if any(spec.get("deps") for spec in specs):
+            # Whether each job is ready or dependent (what is stored) needs the jobs first.
+            new_jobs = await self._make_jobs(new_keys, specs, first_seq, turn)
+            self._settle_dependencies(new_jobs)
+            rows = await _rows([(job.key, job.spec, job.state, job.seq) for job in new_jobs], now, turn)
+            committed = self.journal.insert(rows, rerun, limits)
+        else:
+            # All ready: the rows go to the store first, and the jobs are made while it commits
+            # (SQLite lets go of the GIL): a big add's making is then off its critical path.
+            rows = await _rows(list(zip(new_keys, specs, repeat(model.READY), count(first_seq))), now, turn)
+            committed = self.journal.insert(rows, rerun, limits)
+            new_jobs = await self._make_jobs(new_keys, specs, first_seq, turn)
         preparing = while_committing(new_jobs) if while_committing is not None else None
         added_keys = set(await committed)
         if preparing is not None and isawaitable(preparing):
@@ -348,6 +327,40 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
             await self._hold_back(groups)
         self._reschedule()
         return [job for job in map(self.live.get, candidates) if job is not None and job.state != model.COMPLETE]
+
+    async def _make_jobs(self, keys: list[str], specs: list[dict[str, Any]], first_seq: int,
+                         turn: Optional[Callable[[], Deferred[None]]]) -> list[Job]:
+        """New ready jobs, with what learning expects of them, a slice per turn."""
+        jobs = []
+        # What learning expects of a job depends on four of its values: asked once per distinct
+        # four within an add (as _learn_expectations does per job).
+        expectations: dict[tuple[Any, ...], tuple[int, float]] = {}
+        expected = self.learner.expected
+        for start in range(0, len(keys), ADD_SLICE):
+            if start and turn is not None:
+                await turn()
+            for seq, key, spec in zip(range(first_seq + start, first_seq + len(keys)), keys[start:start + ADD_SLICE],
+                                      specs[start:start + ADD_SLICE]):
+                job = Job(key, spec, model.READY, seq)
+                shape = (spec["req_grp"], spec["memory"], spec["time"], spec.get("override", 0))
+                found = expectations.get(shape)
+                if found is None:
+                    found = expectations[shape] = expected(*shape)
+                job.expected_ram, job.expected_time = found
+                jobs.append(job)
+        return jobs
+
+    def _settle_dependencies(self, new_jobs: list[Job]) -> None:
+        """Refuse a cycle; make dependent the new jobs whose dependencies are not complete."""
+        self.deps.check_acyclic([*self.live.values(), *new_jobs])
+        view = ChainMap({job.key: job for job in new_jobs}, self.live)
+        for job in new_jobs:
+            self.deps.add(job)
+        for job in new_jobs:
+            if self.deps.blocked(job, view):
+                job.state = model.DEPENDENT
+        for job in new_jobs:
+            self.deps.remove(job)
 
     async def _hold_back(self, groups: set[str]) -> None:
         """New jobs joined these groups: jobs waiting for the groups wait again (live
@@ -478,6 +491,18 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
 
 def _is_ready(job: Job) -> bool:
     return job.state == model.READY
+
+
+async def _rows(jobs: list[tuple[str, dict[str, Any], str, int]], now: float,
+                turn: Optional[Callable[[], Deferred[None]]]) -> list[tuple[Any, ...]]:
+    """The store's rows (journal.insert) of new jobs given as (key, spec, state, seq), a slice per turn."""
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(jobs), ADD_SLICE):
+        if start and turn is not None:
+            await turn()
+        rows += [(key, spec["rep_grp"], state, seq, stored_json(spec), now, spec.get("deps") or ())
+                 for key, spec, state, seq in jobs[start:start + ADD_SLICE]]
+    return rows
 
 
 async def _quietly(d: Deferred[Any]) -> None:

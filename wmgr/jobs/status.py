@@ -204,6 +204,12 @@ def statuses_json(pairs: Iterable[tuple[Any, int]], now: float, std: bool = Fals
     """The reply listing these jobs' status objects: the same bytes as
     json.dumps([job.status(now, std, env, similar) for job, similar in pairs],
     separators=(",", ":")).encode("utf-8")."""
+    return json_array(status_parts(pairs, now, std, env))
+
+
+def status_parts(pairs: Iterable[tuple[Any, int]], now: float, std: bool = False, env: bool = False) -> list[bytes]:
+    """Each job's status object as JSON, encoded: what statuses_json joins (a big reply is made a
+    slice of jobs at a time, and joined once)."""
     # Jobs that have never run and were added alike (one POST's, mostly) differ only in their
     # key and cmd: their text is cut once per distinct set of the other varying values (told
     # apart by identity, never by equality: 0 == False == -0.0 but they are written apart; the
@@ -231,6 +237,11 @@ def statuses_json(pairs: Iterable[tuple[Any, int]], now: float, std: bool = Fals
                 append(f"{before}{_esc(job.key)}{between}{_esc(spec['cmd'])}{after}".encode())
                 continue
         append(status_json(job, now, std, env, similar).encode("utf-8"))
+    return parts
+
+
+def json_array(parts: list[bytes]) -> bytes:
+    """Encoded JSON values as one JSON array (`parts` is used up)."""
     if not parts:
         return b"[]"
     # The text is ASCII (json.dumps escapes everything else). Tens of MB: encoding each part and
