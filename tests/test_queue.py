@@ -7,6 +7,7 @@ and real time; these run in milliseconds, so they can be many and exact about ti
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -519,3 +520,13 @@ def test_saves_that_happen_by_themselves_are_written_together(tmp_path: Path) ->
     journal.save([jobs[2]], durable=True)  # a client waits for this one: at the next turn
     clock.advance(0)
     assert writes == [False, True]
+
+
+def test_a_big_add_is_stored_a_few_rows_per_statement_all_of_them(h: Harness, monkeypatch: Any) -> None:
+    from wmgr.jobs import journal
+    monkeypatch.setattr(journal, "_INSERT_ROWS", 2)
+    h.queue.paused = True
+    jobs = h.add(*({"cmd": f"echo {i}"} for i in range(5)))
+    stored = dict(h.store.conn.execute("SELECT key, spec FROM jobs").fetchall())
+    assert sorted(stored) == sorted(job.key for job in jobs)
+    assert all(json.loads(stored[job.key])["cmd"] == job.spec["cmd"] for job in jobs)

@@ -31,6 +31,7 @@ log = Logger()
 # The store's columns for a job row, in the order the queries below use.
 COLUMNS = "key, spec, state, seq, run, stdout, stderr"
 _CHUNK = 500  # keys per IN (...) query: well under SQLite's parameter limit
+_INSERT_ROWS = 5000  # job rows per INSERT statement, at most (see insert_jobs): 30,000 parameters
 PRUNE_CHUNK = 5000  # completed jobs removed per transaction when pruning history
 
 dumps = compactjson.dumps
@@ -213,6 +214,14 @@ def _chunks(items: list[Any], size: int = _CHUNK) -> Iterable[list[Any]]:
         yield items[start : start + size]
 
 
+def _rows_per_insert(conn: sqlite3.Connection, columns: int) -> int:
+    """Rows of `columns` values per multi-row INSERT: at most _INSERT_ROWS, within the
+    connection's parameter limit (999 before SQLite 3.32; Python before 3.11 cannot ask)."""
+    getlimit = getattr(conn, "getlimit", None)
+    limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if getlimit is not None else 999
+    return max(1, min(_INSERT_ROWS, limit // columns))
+
+
 def _marks(items: list[Any]) -> str:
     return ",".join("?" * len(items))
 
@@ -264,8 +273,14 @@ def insert_jobs(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], rerun: bo
             existing[key] = tuple(group)  # type: ignore[assignment]
     deltas: Counter = Counter()
     fresh = [row for row in rows if row[0] not in existing]
-    conn.executemany("INSERT INTO jobs (key, rep_grp, state, seq, spec, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                     [row[:6] for row in fresh])
+    for chunk in _chunks(fresh, _rows_per_insert(conn, 6)):
+        # Many rows per statement, not executemany: sqlite3 holds the GIL to bind each row and lets
+        # go of it only while a statement runs, so row by row the insert of a big add crawled
+        # while the reactor made the jobs and the reply (it took twice as long); bound at once, the
+        # statement runs its thousands of rows with the GIL free.
+        conn.execute(f"INSERT INTO jobs (key, rep_grp, state, seq, spec, updated) VALUES "
+                     f"{','.join(['(?,?,?,?,?,?)'] * len(chunk))}",
+                     [value for row in chunk for value in row[:6]])
     for row in fresh:
         deltas[(row[1], row[2], 0, "")] += 1
     queued = [row[0] for row in fresh]
