@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred
 
 from tests.test_api import info, result_of
 from tests.test_queue import Harness
@@ -157,3 +157,23 @@ def test_a_big_reply_is_written_a_slice_per_turn(site: Site, monkeypatch: Any) -
     assert len(body) == length and turns >= length // 50_000 - 1
     jobs = sorted(site.h.queue.live.values(), key=lambda job: job.seq)
     assert body == model.statuses_json([(job, 0) for job in jobs], 0.0)
+
+
+def test_an_add_whose_caller_goes_away_still_lands(site: Site) -> None:
+    # Klein cancels a request's handler when its client disconnects: the add runs to its end.
+    queue = site.h.queue
+    specs, _ = model.parse_specs([{"cmd": f"true {i}"} for i in range(N)],
+                                 model.parse_defaults({"rep_grp": "big", "cwd": str(site.h.tmp_path)}))
+    d = ensureDeferred(queue.add(specs, turn=site.turns.turn))
+    for _ in range(4):
+        site.reactor.turn()
+    assert queue._adding and not queue.live
+    d.cancel()
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    for _ in range(20):
+        site.reactor.turn()
+        site.flush()
+    assert failures and failures[0].check(CancelledError)
+    assert len(queue.live) == N and not queue._adding
+    assert site.h.store.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == N

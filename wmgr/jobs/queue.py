@@ -34,6 +34,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from wmgr.errors import InvalidRequest
 from wmgr.host import host_identity
@@ -288,13 +289,20 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
         self._adding.update(dict.fromkeys(new_keys, landed))
         first_seq = self._seq + 1
         self._seq += len(new_keys)
-        try:
-            return await self._add_claimed(candidates, new_keys, first_seq, limits, rerun, while_committing, turn)
-        finally:
-            for key in new_keys:
-                if self._adding.get(key) is landed:
-                    del self._adding[key]
-            landed.callback(None)
+
+        async def land() -> list[Job]:
+            try:
+                return await self._add_claimed(candidates, new_keys, first_seq, limits, rerun, while_committing, turn)
+            finally:
+                for key in new_keys:
+                    if self._adding.get(key) is landed:
+                        del self._adding[key]
+                landed.callback(None)
+
+        # From here the add runs to its end even if its caller is cancelled (Klein cancels a
+        # request's handler when the client goes away): stopped between its commit and its
+        # indexing, its jobs would be stored but never run.
+        return await _shielded(ensureDeferred(land()))
 
     async def _add_claimed(self, candidates: dict[str, dict[str, Any]], new_keys: list[str], first_seq: int,
                            limits: dict[str, int], rerun: bool,
@@ -503,6 +511,21 @@ async def _rows(jobs: list[tuple[str, dict[str, Any], str, int]], now: float,
         rows += [(key, spec["rep_grp"], state, seq, stored_json(spec), now, spec.get("deps") or ())
                  for key, spec, state, seq in jobs[start:start + ADD_SLICE]]
     return rows
+
+
+def _shielded(d: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred with d's result whose cancelling leaves d to go on (its result, then, unheard
+    but logged if it is a failure)."""
+    out: Deferred[Any] = Deferred()
+
+    def tell(result: Any) -> None:
+        if not out.called:
+            (out.errback if isinstance(result, Failure) else out.callback)(result)
+        elif isinstance(result, Failure):
+            log.failure("an add whose caller went away failed", result)
+
+    d.addBoth(tell)
+    return out
 
 
 async def _quietly(d: Deferred[Any]) -> None:
