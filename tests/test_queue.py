@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import pytest
 from twisted.internet import error
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -530,3 +530,30 @@ def test_a_big_add_is_stored_a_few_rows_per_statement_all_of_them(h: Harness, mo
     stored = dict(h.store.conn.execute("SELECT key, spec FROM jobs").fetchall())
     assert sorted(stored) == sorted(job.key for job in jobs)
     assert all(json.loads(stored[job.key])["cmd"] == job.spec["cmd"] for job in jobs)
+
+
+def test_a_delete_whose_caller_goes_away_still_takes_its_jobs_out_of_the_queue(h: Harness) -> None:
+    # Klein cancels a request's handler when the client goes away; the delete is committed all
+    # the same, and a job deleted on disk must not stay queued (and run) in memory.
+    h.queue.paused = True
+    [job] = h.add({"cmd": "doomed"})
+    held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+    real_write = h.store.write
+
+    def slow_write(operation: Any, durable: bool = True) -> Deferred[Any]:
+        # Runs now; the commit is told later (as from the writer thread).
+        d: Deferred[Any] = Deferred()
+        held.append((d, real_write(operation, durable)))
+        return d
+
+    h.store.write = slow_write  # type: ignore[method-assign]
+    deleting = ensureDeferred(h.queue.delete([job]))
+    h.store.write = real_write  # type: ignore[method-assign]
+    deleting.cancel()
+    cancelled: list[Any] = []
+    deleting.addErrback(cancelled.append)
+    assert cancelled and cancelled[0].check(CancelledError)
+    (told, committed), = held
+    committed.addCallback(told.callback)
+    assert h.store.row(job.key) is None
+    assert job.key not in h.queue.live and job.state == model.DELETED

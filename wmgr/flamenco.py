@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from wmgr.errors import Conflict, InvalidRequest, NotFound
 from wmgr.jobs import model
 from wmgr.jobs.model import Job
+from wmgr.shield import shielded
 
 log = Logger()
 
@@ -185,9 +186,14 @@ class Flamenco(Service):
                     frame_start=min(c[1] for c in compiled), frame_end=max(c[2] for c in compiled),
                     frame_regex=regex)
         task.frame_current = task.frame_start
-        await self._save(task)  # before its jobs, so that none is ever without its task
-        self._index(task)
-        await self.queue.add(specs)
+
+        async def store() -> None:
+            await self._save(task)  # before its jobs, so that none is ever without its task
+            self._index(task)
+            await self.queue.add(specs)
+
+        # Whole even if the caller goes away meanwhile (wmgr/shield.py): never a task without its jobs.
+        await shielded(ensureDeferred(store()))
         log.info("Flamenco task {id} ({type}) queued as {n} jobs", id=task_id, type=compiler, n=len(specs))
         return task
 
@@ -209,11 +215,17 @@ class Flamenco(Service):
         the ones not started removed."""
         task = self.get(task_id)
         task.canceled = True
-        await self._save(task)
-        jobs = await self.queue.select(task.keys)
-        await self.queue.kill([job for job in jobs if job.state in model.ACTIVE_STATES])
-        waiting = [job for job in jobs if job.state not in model.ACTIVE_STATES and job.state != model.COMPLETE]
-        await self.queue.delete(waiting)
+
+        async def stop() -> None:
+            await self._save(task)
+            jobs = await self.queue.select(task.keys)
+            await self.queue.kill([job for job in jobs if job.state in model.ACTIVE_STATES])
+            waiting = [job for job in jobs if job.state not in model.ACTIVE_STATES and job.state != model.COMPLETE]
+            await self.queue.delete(waiting)
+
+        # Whole even if the caller goes away meanwhile (wmgr/shield.py): never a canceled task
+        # whose jobs go on.
+        await shielded(ensureDeferred(stop()))
         return task
 
     # -- what tasks look like ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from wmgr.jobs import model
 from wmgr.jobs.journal import dumps
 from wmgr.jobs.limits import parse_limit_groups
 from wmgr.jobs.model import Job
+from wmgr.shield import shielded
 
 if TYPE_CHECKING:
     from wmgr.jobs.queue import JobQueue
@@ -82,14 +83,18 @@ class UserActions:
                            f"(e.g. {waiting[0]}); delete them in the same request")
         self.journal.flush()  # so that `stored` below is what the store has
         items = [(job.key, job.stored) for job in doomed.values()]
-        await self.journal.delete(items)
-        released: set[str] = set()
-        for job in doomed.values():
-            released |= self.deps.dependants(job)
-            self._unindex(job)
-            job.state = model.DELETED
-        self._release_waiting(released)
-        return list(doomed.values())
+
+        def deleted(_: Any) -> list[Job]:
+            released: set[str] = set()
+            for job in doomed.values():
+                released |= self.deps.dependants(job)
+                self._unindex(job)
+                job.state = model.DELETED
+            self._release_waiting(released)
+            return list(doomed.values())
+
+        # Applied in memory once committed, even if the caller is gone by then (wmgr/shield.py).
+        return await shielded(self.journal.delete(items).addCallback(deleted))
 
     async def forget(self: "JobQueue", jobs: list[Job]) -> list[Job]:
         """Remove jobs that are not running, completed ones from the history too (pman's
@@ -98,9 +103,12 @@ class UserActions:
         removed = await self.delete([job for job in jobs if job.state != model.COMPLETE])
         if completed:
             items = [(job.key, job.stored) for job in completed]
-            await self.journal.delete(items)
-            for job in completed:
-                job.state = model.DELETED
+
+            def deleted(_: Any) -> None:
+                for job in completed:
+                    job.state = model.DELETED
+
+            await shielded(self.journal.delete(items).addCallback(deleted))
         return removed + completed
 
     async def modify(self: "JobQueue", jobs: list[Job], changes: dict[str, Any]) -> list[Job]:

@@ -34,7 +34,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from wmgr.errors import InvalidRequest
 from wmgr.host import host_identity
@@ -52,6 +51,7 @@ from wmgr.jobs.runner import Run, spawn_in_session
 from wmgr.jobs.runs import Runs
 from wmgr.jobs.scheduler import Capacity, Scheduler
 from wmgr.jobs.upkeep import Upkeep
+from wmgr.shield import shielded
 from wmgr.store import Store
 
 log = Logger()
@@ -299,10 +299,9 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
                         del self._adding[key]
                 landed.callback(None)
 
-        # From here the add runs to its end even if its caller is cancelled (Klein cancels a
-        # request's handler when the client goes away): stopped between its commit and its
-        # indexing, its jobs would be stored but never run.
-        return await _shielded(ensureDeferred(land()))
+        # From here the add runs to its end even if its caller is cancelled (wmgr/shield.py):
+        # stopped between its commit and its indexing, its jobs would be stored but never run.
+        return await shielded(ensureDeferred(land()))
 
     async def _add_claimed(self, candidates: dict[str, dict[str, Any]], new_keys: list[str], first_seq: int,
                            limits: dict[str, int], rerun: bool,
@@ -511,21 +510,6 @@ async def _rows(jobs: list[tuple[str, dict[str, Any], str, int]], now: float,
         rows += [(key, spec["rep_grp"], state, seq, stored_json(spec), now, spec.get("deps") or ())
                  for key, spec, state, seq in jobs[start:start + ADD_SLICE]]
     return rows
-
-
-def _shielded(d: Deferred[Any]) -> Deferred[Any]:
-    """A Deferred with d's result whose cancelling leaves d to go on (its result, then, unheard
-    but logged if it is a failure)."""
-    out: Deferred[Any] = Deferred()
-
-    def tell(result: Any) -> None:
-        if not out.called:
-            (out.errback if isinstance(result, Failure) else out.callback)(result)
-        elif isinstance(result, Failure):
-            log.failure("an add whose caller went away failed", result)
-
-    d.addBoth(tell)
-    return out
 
 
 async def _quietly(d: Deferred[Any]) -> None:
