@@ -216,26 +216,18 @@ def test_the_dashboards_workers_view_is_served_and_uses_only_its_own_elements() 
 def test_a_task_whose_caller_goes_away_is_still_stored_with_all_its_jobs(tmp_path: Path) -> None:
     # Klein cancels a request's handler when the client goes away: the task is not left
     # stored without its jobs.
-    from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+    from twisted.internet.defer import CancelledError, ensureDeferred
+
+    from tests.test_queue import HeldWrites
 
     s = Setup(tmp_path)
-    held: list[tuple[Deferred, Deferred]] = []
-    real_write = s.store.write
-
-    def slow_write(operation: Any, durable: bool = True) -> Deferred:
-        d: Deferred = Deferred()
-        held.append((d, real_write(operation, durable)))
-        return d
-
-    s.store.write = slow_write  # type: ignore[method-assign]
-    creating = ensureDeferred(s.flamenco.create(7, 1, 10, "shell", {"command": "echo hi"}, "none"))
-    s.store.write = real_write  # type: ignore[method-assign]
+    with HeldWrites(s.store) as writes:
+        creating = ensureDeferred(s.flamenco.create(7, 1, 10, "shell", {"command": "echo hi"}, "none"))
     creating.cancel()
     cancelled: list[Any] = []
     creating.addErrback(cancelled.append)
     assert cancelled and cancelled[0].check(CancelledError)
-    (told, committed), = held
-    committed.addCallback(told.callback)
+    writes.release()
     s.settle()
     assert 7 in s.flamenco.tasks
     [job] = [job for job in s.queue.live.values() if job.spec["cmd"] == "echo hi"]

@@ -87,6 +87,33 @@ class FakeSpawner:
         return [process for process in self.spawned if process.cmd == cmd][-1]
 
 
+class HeldWrites:
+    """Within it, the store's writes run at once but their commits are told only at release()
+    (as from the writer thread, later): a test can act in between."""
+
+    def __init__(self, store: SyncStore) -> None:
+        self.store = store
+        self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+
+    def __enter__(self) -> "HeldWrites":
+        real_write = self.store.write
+
+        def write(operation: Any, durable: bool = True) -> Deferred[Any]:
+            told: Deferred[Any] = Deferred()
+            self.held.append((told, real_write(operation, durable)))
+            return told
+
+        self.store.write = write  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.store.write  # the class's own again
+
+    def release(self) -> None:
+        for told, committed in self.held:
+            committed.addCallback(told.callback)
+
+
 def in_thread_now(fn: Any, *args: Any) -> Deferred[Any]:
     return succeed(fn(*args))
 
@@ -537,23 +564,12 @@ def test_a_delete_whose_caller_goes_away_still_takes_its_jobs_out_of_the_queue(h
     # the same, and a job deleted on disk must not stay queued (and run) in memory.
     h.queue.paused = True
     [job] = h.add({"cmd": "doomed"})
-    held: list[tuple[Deferred[Any], Deferred[Any]]] = []
-    real_write = h.store.write
-
-    def slow_write(operation: Any, durable: bool = True) -> Deferred[Any]:
-        # Runs now; the commit is told later (as from the writer thread).
-        d: Deferred[Any] = Deferred()
-        held.append((d, real_write(operation, durable)))
-        return d
-
-    h.store.write = slow_write  # type: ignore[method-assign]
-    deleting = ensureDeferred(h.queue.delete([job]))
-    h.store.write = real_write  # type: ignore[method-assign]
+    with HeldWrites(h.store) as writes:
+        deleting = ensureDeferred(h.queue.delete([job]))
     deleting.cancel()
     cancelled: list[Any] = []
     deleting.addErrback(cancelled.append)
     assert cancelled and cancelled[0].check(CancelledError)
-    (told, committed), = held
-    committed.addCallback(told.callback)
+    writes.release()
     assert h.store.row(job.key) is None
     assert job.key not in h.queue.live and job.state == model.DELETED
