@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
+
+T = TypeVar("T")
 
 
 class Turns:
@@ -58,3 +60,13 @@ class Turns:
                 self._waiting.popleft().callback(None)
         finally:
             self._call = self._reactor.callLater(0, self._release) if self._waiting else None
+
+
+async def in_slices(items: Sequence[T], size: int,
+                    turn: Optional[Callable[[], Deferred[None]]]) -> AsyncIterator[tuple[int, Sequence[T]]]:
+    """`items` a slice of `size` at a time, with the index of the slice's first item, waiting for
+    `turn()` between slices; without a turn, all slices at once."""
+    for start in range(0, len(items), size):
+        if start and turn is not None:
+            await turn()
+        yield start, items[start:start + size]

@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable, Optional
 
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 
 from wmgr import __version__
 from wmgr.api.common import flag, install_error_handlers, json_response, query, raw_json_response, read_json
@@ -16,7 +16,7 @@ from wmgr.jobs import model
 from wmgr.jobs.queue import ADD_SLICE, JobQueue
 from wmgr.jobs.status import json_array, status_parts
 from wmgr.servers import BadServers
-from wmgr.turns import Turns
+from wmgr.turns import Turns, in_slices
 from wmgr.uploads import Uploads
 
 
@@ -75,12 +75,12 @@ class WrAPI:
         # A big add is parsed, made and answered a slice at a time, each slice in a reactor turn
         # of its own (wmgr/turns.py): 10,000 jobs are a quarter of a second of work.
         turn = self.turns.turn if self.turns is not None and len(body) > ADD_SLICE else None
+        if turn is not None:
+            await turn()  # the turn that read it answers other requests first
         parser = model.SpecParser(defaults)
         specs: list[dict[str, Any]] = []
-        for start in range(0, len(body), ADD_SLICE):
-            if turn is not None:
-                await turn()
-            specs += parser.parse(body[start:start + ADD_SLICE], start)
+        async for start, chunk in in_slices(body, ADD_SLICE, turn):
+            specs += parser.parse(chunk, start)
         rerun = rerun or parser.rerun
         # The reply for jobs that are all new is encoded while the store commits them; it is used
         # if they are what the queue answers with, in the states they were encoded in.
@@ -90,8 +90,7 @@ class WrAPI:
             states = list(map(_key_and_state, new_jobs))
             prepared[:] = [states, await self._statuses_json(new_jobs, turn)]
 
-        jobs = await self.queue.add(specs, rerun=rerun, while_committing=lambda new: ensureDeferred(prepare(new)),
-                                    turn=turn)
+        jobs = await self.queue.add(specs, rerun=rerun, while_committing=prepare, turn=turn)
         if prepared and prepared[0] == list(map(_key_and_state, jobs)):
             body = prepared[1]
         else:
@@ -113,9 +112,9 @@ class WrAPI:
         if turn is None or len(jobs) <= ADD_SLICE:
             return model.statuses_json([(job, 0) for job in jobs], time.time())
         parts: list[bytes] = []
-        for start in range(0, len(jobs), ADD_SLICE):
-            await turn()
-            parts += status_parts([(job, 0) for job in jobs[start:start + ADD_SLICE]], time.time())
+        await turn()
+        async for _, chunk in in_slices(jobs, ADD_SLICE, turn):
+            parts += status_parts([(job, 0) for job in chunk], time.time())
         return json_array(parts)
 
     @app.route("/rest/v1/jobs/", methods=["DELETE"], strict_slashes=False)

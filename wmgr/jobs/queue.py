@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import os
 from collections import ChainMap
-from inspect import isawaitable
 from itertools import count, repeat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -53,6 +52,7 @@ from wmgr.jobs.scheduler import Capacity, Scheduler
 from wmgr.jobs.upkeep import Upkeep
 from wmgr.shield import shielded
 from wmgr.store import Store
+from wmgr.turns import in_slices
 
 log = Logger()
 
@@ -247,24 +247,22 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
     # -- adding --------------------------------------------------------------------------------
 
     async def add(self, specs: list[dict[str, Any]], rerun: bool = False,
-                  while_committing: Optional[Callable[[list[Job]], Any]] = None,
+                  while_committing: Optional[Callable[[list[Job]], Awaitable[Any]]] = None,
                   turn: Optional[Callable[[], Deferred[None]]] = None) -> list[Job]:
         """Add jobs (specs as model.normalise leaves them); return, in request order, each job
         now in the queue (a job already queued is returned as it is; one that already completed
         is left out unless rerun).
 
         `while_committing(new_jobs)` is called while the store commits them (SQLite lets go of
-        the GIL meanwhile): a caller can prepare its reply then; if it returns an awaitable,
-        that is awaited too. The jobs are not queued yet. `turn`: waited for between slices of
+        the GIL meanwhile): a caller can prepare its reply then, and the add waits for it too.
+        The jobs are not queued yet. `turn`: waited for between slices of
         ADD_SLICE jobs (see wmgr/turns.py), so that a big add never holds the reactor for long;
         which keys are new is decided in one turn, and those keys are claimed from then until
         the jobs are queued (an add of the same keys meanwhile waits for this one)."""
         candidates: dict[str, dict[str, Any]] = {}
         limits: dict[str, int] = {}
-        for start in range(0, len(specs), ADD_SLICE):
-            if start and turn is not None:
-                await turn()
-            for spec in specs[start:start + ADD_SLICE]:
+        async for _, chunk in in_slices(specs, ADD_SLICE, turn):
+            for spec in chunk:
                 if spec.get("limit_grps"):
                     spec["limit_grps"], set_limits = parse_limit_groups(spec["limit_grps"])
                     limits.update(set_limits)
@@ -305,7 +303,7 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
 
     async def _add_claimed(self, candidates: dict[str, dict[str, Any]], new_keys: list[str], first_seq: int,
                            limits: dict[str, int], rerun: bool,
-                           while_committing: Optional[Callable[[list[Job]], Any]],
+                           while_committing: Optional[Callable[[list[Job]], Awaitable[Any]]],
                            turn: Optional[Callable[[], Deferred[None]]]) -> list[Job]:
         now = self._reactor.seconds()
         specs = [candidates[key] for key in new_keys]
@@ -321,9 +319,10 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
             rows = await _rows(list(zip(new_keys, specs, repeat(model.READY), count(first_seq))), now, turn)
             committed = self.journal.insert(rows, rerun, limits)
             new_jobs = await self._make_jobs(new_keys, specs, first_seq, turn)
-        preparing = while_committing(new_jobs) if while_committing is not None else None
+        # Started now (a coroutine would only start when awaited, after the commit).
+        preparing = ensureDeferred(while_committing(new_jobs)) if while_committing is not None else None
         added_keys = set(await committed)
-        if preparing is not None and isawaitable(preparing):
+        if preparing is not None:
             await preparing
         for name, limit in limits.items():
             self.limits.set_limit(name, limit)
@@ -343,11 +342,8 @@ class JobQueue(Runs, UserActions, Upkeep, RemoteRuns, Service):
         # four within an add (as _learn_expectations does per job).
         expectations: dict[tuple[Any, ...], tuple[int, float]] = {}
         expected = self.learner.expected
-        for start in range(0, len(keys), ADD_SLICE):
-            if start and turn is not None:
-                await turn()
-            for seq, key, spec in zip(range(first_seq + start, first_seq + len(keys)), keys[start:start + ADD_SLICE],
-                                      specs[start:start + ADD_SLICE]):
+        async for start, chunk in in_slices(keys, ADD_SLICE, turn):
+            for seq, key, spec in zip(count(first_seq + start), chunk, specs[start:start + ADD_SLICE]):
                 job = Job(key, spec, model.READY, seq)
                 shape = (spec["req_grp"], spec["memory"], spec["time"], spec.get("override", 0))
                 found = expectations.get(shape)
@@ -504,11 +500,9 @@ async def _rows(jobs: list[tuple[str, dict[str, Any], str, int]], now: float,
                 turn: Optional[Callable[[], Deferred[None]]]) -> list[tuple[Any, ...]]:
     """The store's rows (journal.insert) of new jobs given as (key, spec, state, seq), a slice per turn."""
     rows: list[tuple[Any, ...]] = []
-    for start in range(0, len(jobs), ADD_SLICE):
-        if start and turn is not None:
-            await turn()
+    async for _, chunk in in_slices(jobs, ADD_SLICE, turn):
         rows += [(key, spec["rep_grp"], state, seq, stored_json(spec), now, spec.get("deps") or ())
-                 for key, spec, state, seq in jobs[start:start + ADD_SLICE]]
+                 for key, spec, state, seq in chunk]
     return rows
 
 
